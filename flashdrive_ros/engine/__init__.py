@@ -1,0 +1,1 @@
+"""Inference engine (model core, pipelines). Never imports ROS."""
