@@ -8,6 +8,7 @@ disturbed by a second model).
 from __future__ import annotations
 
 import ast
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -287,9 +288,18 @@ def run_evaluation(source: WindowSource, configs: list[EvalConfig], *, clip_ids:
                     bar.update(1)
         finally:
             bar.close()
-            del predictor  # free the model before the next configuration is loaded
+            del predictor
+            _release_memory()  # free the model before the next configuration is loaded
     run.plot_samples = [s for s in plot_index.values() if s is not None]
     return run
+
+
+def _release_memory() -> None:
+    import gc
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _record(config: str, window: EvalWindow, index: int, warmup: bool, pred: Prediction,
