@@ -1,0 +1,87 @@
+"""Vision preprocessing matches the Qwen2-VL/Qwen3-VL image processor (alpamayo.md §3)."""
+
+import numpy as np
+import pytest
+import torch
+
+from flashdrive_ros.engine.preprocess import image_grid, preprocess_images, smart_resize, tokens_per_image
+
+REAL = dict(min_pixels=163840, max_pixels=196608)
+TINY = dict(min_pixels=16384, max_pixels=32768)
+
+
+def _camera_like_image(h, w, seed=0):
+    """Gradients plus noise: smooth structure and high frequencies, uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w * 255, yy / h * 255, (xx + yy) % 256], -1)
+    return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+
+
+def _reference_processor(min_pixels, max_pixels):
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+               size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def test_smart_resize_real_and_tiny_sizes():
+    assert smart_resize(1080, 1920, 32, **REAL) == (320, 576)
+    assert image_grid(1080, 1920, **REAL) == (1, 20, 36)
+    assert tokens_per_image(1080, 1920, **REAL) == 180
+    assert smart_resize(1080, 1920, 32, **TINY) == (128, 224)
+    assert tokens_per_image(1080, 1920, **TINY) == 28
+
+
+def test_smart_resize_limits():
+    # Small images grow to min_pixels, sizes stay multiples of the factor.
+    h, w = smart_resize(100, 200, 32, **REAL)
+    assert h % 32 == 0 and w % 32 == 0 and REAL["min_pixels"] <= h * w <= REAL["max_pixels"] * 1.2
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 3000, 32, **REAL)
+    with pytest.raises(ValueError, match="min_pixels"):
+        smart_resize(100, 100, 32, min_pixels=10, max_pixels=5)
+
+
+def test_shapes_and_value_range():
+    imgs = np.stack([_camera_like_image(1080, 1920, s) for s in range(2)])
+    pv, grid = preprocess_images(imgs, **REAL)
+    assert pv.shape == (2 * 720, 1536) and pv.dtype == torch.float32
+    assert grid.tolist() == [[1, 20, 36], [1, 20, 36]]
+    assert pv.min() >= -1 and pv.max() <= 1
+
+
+def test_unresized_image_equals_reference_exactly():
+    # 320x576 needs no resize: only rescale, normalize, temporal duplication and patch order remain.
+    img = _camera_like_image(320, 576)
+    ref = _reference_processor(**REAL)(images=[img], return_tensors="pt")
+    pv, grid = preprocess_images(img, **REAL)
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    torch.testing.assert_close(pv, ref["pixel_values"].float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("limits", [REAL, TINY])
+def test_resized_1080p_matches_reference_within_interpolation_rounding(limits):
+    img = _camera_like_image(1080, 1920, seed=3)
+    ref = _reference_processor(**limits)(images=[img], return_tensors="pt")
+    pv, grid = preprocess_images(img, **limits)
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    diff = (pv - ref["pixel_values"].float()).abs()
+    # PIL (fixed point) and torch (float) bicubic round differently by a level or a few on noise;
+    # one uint8 level is 2/255 = 0.0078 after normalisation.
+    assert diff.mean() < 0.003
+    assert diff.max() < 6 * 2 / 255
+    assert (diff > 1.5 * 2 / 255).float().mean() < 0.01
+
+
+def test_list_input_and_bad_input():
+    a, b = _camera_like_image(320, 576, 1), _camera_like_image(640, 640, 2)
+    pv, grid = preprocess_images([a, b], **REAL)
+    pa, _ = preprocess_images(a, **REAL)
+    assert grid.shape == (2, 3) and torch.equal(pv[: pa.shape[0]], pa)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess_images(a.astype(np.float32), **REAL)
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        preprocess_images(a[..., :2], **REAL)
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        preprocess_images("frame.png", **REAL)
