@@ -126,10 +126,17 @@ class CameraSync:
     def _candidates(self) -> list[int]:
         """Anchor stamps that may become t0, oldest first."""
         st = self._stamps[self.anchor]
-        if self._last_emitted is None:
-            return list(st)
-        lo = self._last_emitted + self.period_us - self._stride_slack_us
-        return [s for s in st if s >= lo]
+        lo = -(1 << 62) if self._last_emitted is None else \
+            self._last_emitted + self.period_us - self._stride_slack_us
+        # an anchor frame is a t0 only once the anchor itself covers t0 - (n-1)*period: the clip start
+        # (or the first frames after a jump) produce no windows rather than windows reported as broken
+        span = (self.num_frames - 1) * self.period_us
+        return [s for s in st if s >= lo and self._covers(self.anchor, s - span)]
+
+    def _covers(self, cam: int, target: int) -> bool:
+        st = self._stamps[cam]
+        i = bisect.bisect_right(st, target) - 1
+        return i >= 0 and target - st[i] <= self.tolerance_us
 
     def _decidable(self, t0: int, newest_any: int) -> bool:
         complete = all((self.newest_stamp(c) or -1 << 62) >= t0 for c in range(self.num_cameras))
@@ -151,16 +158,15 @@ class CameraSync:
                 break
         if chosen is None:
             return None
-        skipped = sum(1 for t in cands if t < chosen and self._strided(t))
+        if self._last_emitted is None:
+            skipped = sum(1 for t in cands if t < chosen)
+        else:  # by time: the buffer may already have pruned the older candidates
+            skipped = max(0, round((chosen - self._last_emitted) / self.period_us) - 1)
         win = self._build(chosen)
         win.superseded = skipped
         win.gap = self._last_emitted is not None and chosen - self._last_emitted > self.gap_us
         self._last_emitted = chosen
         return win
-
-    def _strided(self, t: int) -> bool:
-        # whether t would itself have been a t0 candidate on the stride grid (for the skip count)
-        return self._last_emitted is None or t >= self._last_emitted + self.period_us - self._stride_slack_us
 
     def _build(self, t0: int) -> Window:
         n = self.num_frames
