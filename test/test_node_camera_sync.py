@@ -146,3 +146,15 @@ def test_invalid_configuration_is_refused():
         CameraSync(anchor=4)
     with pytest.raises(ValueError):
         CameraSync(missing_policy="zeros")
+
+
+def test_camera_returning_after_silence_is_usable_in_the_first_window_by_repeating_its_frame():
+    sync = CameraSync(anchor=1, tolerance_us=50 * MS)
+    run_clip(sync, 500_000, step=100_000)
+    for t in range(600_000, 1_000_000, 100_000):
+        feed(sync, t, cams=[0, 1, 2])          # camera 3 silent
+    (w,) = feed(sync, 1_000_000)               # camera 3 back
+    assert w.ok and w.t0_us == 1_000_000
+    assert w.padded == {3: 3}
+    assert w.frames[3] == [(3, 1_000_000)] * 4  # older slots repeat the next newer frame
+    assert w.stamps_us[0] == [700_000, 800_000, 900_000, 1_000_000]

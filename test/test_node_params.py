@@ -56,3 +56,8 @@ def test_invalid_values_name_the_parameter(override, name):
 def test_unknown_parameter_is_refused():
     with pytest.raises(ValueError, match="unknown"):
         DriveParams.from_dict({"camera_topic": "/x"})
+
+
+def test_yaml_file_is_the_rendered_table():
+    from flashdrive_ros.nodes.params import render_yaml
+    assert YAML.read_text() == render_yaml(), "regenerate: python -m flashdrive_ros.nodes.params > config/drive.yaml"

@@ -4,6 +4,8 @@ The model needs, per camera, the frames at t0 - 0.3, -0.2, -0.1 and 0 s, so a on
 (message_filters) is not enough. We keep a short stamped ring buffer per camera, take t0 from an anchor
 camera on a fixed inference stride, and pick for every camera the last frame at or before each target
 time (the dataset rule, ``searchsorted(side="right") - 1``), accepting it only within a tolerance.
+The t0 slot of every camera must be within tolerance (else the missing-camera policy applies); an older
+slot without a frame repeats the next newer frame of that camera.
 
 Payloads are opaque (the drive node stores undecoded ROS messages; decoding happens in its worker).
 Times are integer microseconds.
@@ -34,6 +36,7 @@ class Window:
     stamps_us: list
     missing: list = field(default_factory=list)      # camera indices without a usable frame
     filled: dict = field(default_factory=dict)       # camera index -> policy used to fill it
+    padded: dict = field(default_factory=dict)       # camera index -> older slots repeating a newer frame
     gap: bool = False                                # t0 far after the previous window
     superseded: int = 0                              # older ready windows skipped for this one
 
@@ -170,28 +173,39 @@ class CameraSync:
 
     def _build(self, t0: int) -> Window:
         n = self.num_frames
-        frames, stamps, missing, filled = [], [], [], {}
+        frames, stamps, missing, filled, padded = [], [], [], {}, {}
         for c in range(self.num_cameras):
             st, pl = self._stamps[c], self._payloads[c]
-            cam_frames, cam_stamps, ok = [], [], True
-            for k in range(n - 1, -1, -1):
+            cam_frames, cam_stamps = [], []
+            for k in range(n):  # newest first: k = 0 is the frame for t0
                 target = t0 - k * self.period_us
                 i = bisect.bisect_right(st, target) - 1
-                if i < 0 or target - st[i] > self.tolerance_us:
-                    ok = False
+                if i >= 0 and target - st[i] <= self.tolerance_us:
+                    cam_frames.append(pl[i])
+                    cam_stamps.append(st[i])
+                elif k > 0:
+                    # an older slot without a frame (camera just (re)appeared, dropped frame) repeats the
+                    # next newer one, like left-padding at a scene start, so one lost frame does not
+                    # cost four windows
+                    cam_frames.append(cam_frames[-1])
+                    cam_stamps.append(cam_stamps[-1])
+                    padded[c] = padded.get(c, 0) + 1
+                else:
                     break
-                cam_frames.append(pl[i])
-                cam_stamps.append(st[i])
-            if not ok:
+            if not cam_frames:
                 cam_frames, cam_stamps = self._fill(c, t0)
                 if cam_frames is None:
                     missing.append(c)
                     cam_frames, cam_stamps = [None] * n, [None] * n
                 else:
                     filled[c] = self.missing_policy
+            else:
+                cam_frames.reverse()
+                cam_stamps.reverse()
             frames.append(cam_frames)
             stamps.append(cam_stamps)
-        return Window(t0_us=t0, frames=frames, stamps_us=stamps, missing=missing, filled=filled)
+        return Window(t0_us=t0, frames=frames, stamps_us=stamps, missing=missing, filled=filled,
+                      padded=padded)
 
     def _fill(self, cam: int, t0: int):
         n = self.num_frames

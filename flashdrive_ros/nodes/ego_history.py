@@ -67,10 +67,11 @@ class OdometryBuffer:
     add() rejects NaN/inf poses, degenerate quaternions and out-of-order stamps (returning a reason);
     a stamp further back than ``time_jump_us`` is a clock reset: the buffer is cleared and it is accepted.
     history() interpolates the 16 history poses and raises EgoHistoryError when the data is stale, too
-    short or has holes.
+    short or has holes longer than ``max_gap_us`` (shorter holes, e.g. a paused odometry source, are
+    bridged linearly so the first window after it recovers).
     """
 
-    def __init__(self, capacity: int = 400, max_staleness_us: int = 100_000, max_gap_us: int = 300_000,
+    def __init__(self, capacity: int = 400, max_staleness_us: int = 100_000, max_gap_us: int = 1_500_000,
                  time_jump_us: int = 1_000_000):
         self.capacity = capacity
         self.max_staleness_us = int(max_staleness_us)

@@ -44,8 +44,9 @@ PARAMETERS: tuple = (
     ("time_jump_ms", 1000.0,
      "An input stamp this far behind the previous one is a clock reset / loop (reset); less is out-of-order "
      "(dropped)."),
-    ("reset_gap_ms", 250.0,
-     "Reset the streaming state when a window's t0 is more than this after the previous processed one."),
+    ("reset_gap_ms", 150.0,
+     "Reset the streaming state when a window's t0 is more than this after the previous processed one "
+     "(streaming assumes consecutive 0.1 s windows; a dropped or rejected window breaks that)."),
     # --- model / engine
     ("model", "tiny", "'tiny' (shipped checkpoint) or a checkpoint directory (config.json + safetensors)."),
     ("device", "cpu", "torch device, e.g. 'cpu', 'cuda', 'cuda:0'."),
@@ -159,3 +160,38 @@ def declare_all(node) -> DriveParams:
         values[name] = node.get_parameter(name).value
     values["camera_topics"] = list(values["camera_topics"])
     return DriveParams.from_dict(values)
+
+
+def render_yaml() -> str:
+    """config/drive.yaml text from PARAMETERS (python -m flashdrive_ros.nodes.params > config/drive.yaml)."""
+    import json
+    import textwrap
+
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "".join(f"\n      - {json.dumps(x)}" for x in v)
+        return repr(v)
+
+    out = ["# Parameters of the drive node. Generated from flashdrive_ros/nodes/params.py (the one place they",
+           "# are declared): python -m flashdrive_ros.nodes.params > config/drive.yaml",
+           "# Use: python -m flashdrive_ros.nodes.drive_node --ros-args --params-file config/drive.yaml",
+           "/**:", "  ros__parameters:"]
+    for name, default, desc in PARAMETERS:
+        out += [f"    # {line}" for line in textwrap.wrap(desc, 100)]
+        out.append(f"    {name}: {fmt(default)}")
+    out += ["    # QoS overrides (rclpy QoSOverridingOptions, keys qos_overrides.<topic>.<publisher|subscription>.*):",
+            "    # inputs default to best effort (cameras depth 5, odometry depth 50), outputs to reliable depth 10.",
+            "    # qos_overrides:",
+            "    #   /flashdrive/odom:",
+            "    #     subscription:",
+            "    #       reliability: reliable",
+            "    #       depth: 50"]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_yaml(), end="")
