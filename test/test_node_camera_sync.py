@@ -153,7 +153,8 @@ def test_camera_returning_after_silence_is_usable_in_the_first_window_by_repeati
     run_clip(sync, 500_000, step=100_000)
     for t in range(600_000, 1_000_000, 100_000):
         feed(sync, t, cams=[0, 1, 2])          # camera 3 silent
-    (w,) = feed(sync, 1_000_000)               # camera 3 back
+    *before, w = feed(sync, 1_000_000)         # camera 3 back
+    assert [b.missing for b in before] == [[3]]  # 0.9 s is decided (camera 3 missing) once 1.0 s arrives
     assert w.ok and w.t0_us == 1_000_000
     assert w.padded == {3: 3}
     assert w.frames[3] == [(3, 1_000_000)] * 4  # older slots repeat the next newer frame
