@@ -1,0 +1,393 @@
+"""Fast path for CUDA: load-time fusion, graph-safe stage functions, and CUDA-graph stage wrappers.
+
+Three layers, each usable alone:
+
+1. Fusion (`fuse_projections`): every text/expert Attention gets one Q‖K‖V weight and every MLP one
+   gate‖up weight. The fused tensor owns the storage and the original q/k/v/gate/up parameters are
+   re-pointed to row slices of it, so checkpoint keys, `state_dict()` and memory stay as they were
+   (no second copy of 9 GB at the full shape). Modules keep their class's behaviour through a
+   subclass swap (`FusedAttention`, `FusedMLP`), so engine code that calls `attn.project(x)` or
+   `mlp(x)` gets the fused GEMM without any change.
+   Caveat: the sliced parameters share storage; `safetensors.save_file` refuses shared tensors, so
+   a saver must `.contiguous().clone()` them (or save before fusing).
+
+2. Graph-safe stage functions (`lm_forward`, `expert_forward`, `vision_forward`, `cache_write`,
+   `cache_shift`): the same math as TextModel / Expert / Qwen3VLVisionModel forward, but with fixed
+   shapes and no host synchronisation (no `.item()`, `.tolist()`, boolean indexing or data-dependent
+   checks), so they can be captured. Valid cache slots are chosen by an additive mask over a fixed
+   number of key slots: decode masks every unused slot explicitly (flashdrive.md §9 pitfall 2).
+   GQA attention folds the query-head groups into the query axis ([B, kv, g*Q, D] against
+   [B, kv, N, D]) so keys/values are read once per kv head and no repeat_kv copy is made.
+
+3. `StageGraph`: static input buffers, warm-up on a side stream, one `torch.cuda.CUDAGraph` capture,
+   then per call copy inputs -> replay -> static outputs. On the CPU (or with `enabled=False`) the
+   same buffer logic runs eagerly, which is what CPU tests exercise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rotary
+from .text_model import MLP, Attention
+
+# ----------------------------------------------------------------------------------------- fusion
+
+
+class FusedAttention(Attention):
+    """Attention whose q/k/v projections run as one GEMM over `qkv_weight` (a non-persistent buffer)."""
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([nq, nkv, nkv], dim=-1)
+        q = self.q_norm(q.view(b, n, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, n, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate and up as one GEMM over `gate_up_weight`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fuse_linears(owner: nn.Module, names: tuple[str, ...], buffer: str, bias_buffer: str | None) -> None:
+    """Concatenate the weights of owner.<names> row-wise into one buffer and re-point each Linear's
+    weight (and bias) to its slice, so there is a single copy of the data."""
+    lins = [getattr(owner, n) for n in names]
+    w = torch.cat([lin.weight.detach() for lin in lins], dim=0)
+    owner.register_buffer(buffer, w, persistent=False)
+    has_bias = lins[0].bias is not None
+    b = torch.cat([lin.bias.detach() for lin in lins], dim=0) if has_bias else None
+    if bias_buffer is not None:
+        owner.register_buffer(bias_buffer, b, persistent=False)
+    row = 0
+    for lin in lins:
+        rows = lin.weight.shape[0]
+        req = lin.weight.requires_grad
+        lin.weight = nn.Parameter(w[row:row + rows], requires_grad=req)
+        if has_bias:
+            lin.bias = nn.Parameter(b[row:row + rows], requires_grad=req)
+        row += rows
+
+
+@torch.no_grad()
+def fuse_projections(module: nn.Module) -> int:
+    """Fuse Q/K/V and gate/up in every Attention / MLP under `module` (idempotent). Returns how many
+    modules were fused. Call after the weights are loaded."""
+    count = 0
+    for m in list(module.modules()):
+        if type(m) is Attention:
+            _fuse_linears(m, ("q_proj", "k_proj", "v_proj"), "qkv_weight", "qkv_bias")
+            m.__class__ = FusedAttention
+            count += 1
+        elif type(m) is MLP:
+            _fuse_linears(m, ("gate_proj", "up_proj"), "gate_up_weight", None)
+            m.__class__ = FusedMLP
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def patch_embed_as_linear(tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision Conv3d patch embedding is a matmul (stride == kernel): weight [hidden, C*T*p*p], bias.
+    Views of the conv weight (no copy)."""
+    proj = tower.patch_embed.proj
+    return proj.weight.reshape(proj.weight.shape[0], -1), proj.bias
+
+
+# ---------------------------------------------------------------------------------- attention core
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, Q, D], k/v [B, KV, N, D], additive mask broadcastable to [B, 1, Q, N] -> [B, H, Q, D].
+
+    Query heads h = kv * g + j (transformers' repeat_kv order) are folded into the query axis so
+    every kv head is read once: [B, KV, g*Q, D]."""
+    b, h, qn, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    if g == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    qf = q.reshape(b, kv, g * qn, d)
+    if mask is not None:
+        mask = mask.expand(mask.shape[0], 1, qn, mask.shape[-1]).repeat(1, 1, g, 1)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)
+    return out.reshape(b, h, qn, d)
+
+
+def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
+    b, _, n, _ = out.shape
+    return attn.o_proj(out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.head_dim))
+
+
+# ---------------------------------------------------------------------------------- cache (no sync)
+
+def cache_write(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """StaticKVCache.write without its host-side range checks (slots must be valid): pre-RoPE key,
+    value, and the rotated mirror at the slots' positions (cos/sin = cache.cos[slots])."""
+    k = k.to(cache.dtype)
+    cache.k[layer, :, :, slots] = k
+    cache.v[layer, :, :, slots] = v.to(cache.dtype)
+    cache.k_rot[layer, :, :, slots] = apply_rotary(k, cos, sin)
+
+
+def cache_shift(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """StaticKVCache.shift without host checks: one gather/scatter over all layers, keys re-rotated
+    at the destination slots' positions."""
+    cache.k[:, :, :, dst] = cache.k[:, :, :, src]
+    cache.v[:, :, :, dst] = cache.v[:, :, :, src]
+    cache.k_rot[:, :, :, dst] = apply_rotary(cache.k[:, :, :, dst], cache.cos[dst], cache.sin[dst])
+
+
+def causal_slot_mask(q_slots: torch.Tensor, n_keys: int, dtype: torch.dtype, limit: torch.Tensor | None = None):
+    """Additive [1, 1, Q, n_keys]: row q sees keys k <= q_slots[q] (and k < limit when given).
+    Built on the device from tensors, so it can live inside a graph."""
+    keys = torch.arange(n_keys, device=q_slots.device)
+    visible = keys[None, :] <= q_slots[:, None]
+    if limit is not None:
+        visible = visible & (keys[None, :] < limit)
+    zero = torch.zeros((), dtype=dtype, device=q_slots.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=q_slots.device)
+    return torch.where(visible, zero, neg)[None, None]
+
+
+# ---------------------------------------------------------------------------------- stage functions
+
+def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tensor | None, n: int,
+               vis_idx: torch.Tensor | None = None, deepstack: list[torch.Tensor] | None = None,
+               capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """TextModel.forward without host syncs. x [B, Q, H]; slots [Q]; mask additive [1|B, 1, Q, n];
+    vis_idx LongTensor [n_vis] = query rows of image tokens (replaces the bool visual_pos_mask);
+    deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs)."""
+    b = x.shape[0]
+    cos, sin = cache.cos[slots], cache.sin[slots]
+    if mask is not None:
+        mask = mask.to(x.dtype)
+    captured: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h)
+        cache_write(cache, i, slots, k, v, cos, sin)
+        keys = cache.k_rot[i, :, :, :n].expand(b, -1, -1, -1)
+        values = cache.v[i, :, :, :n].expand(b, -1, -1, -1)
+        x = x + _out_proj(attn, gqa_attention(apply_rotary(q, cos, sin), keys, values, mask))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if i in capture_layers:
+            captured[i] = x
+        if deepstack is not None and i < len(deepstack):
+            x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(b, -1, -1))
+    return lm.norm(x), captured
+
+
+def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, mask: torch.Tensor | None,
+                   n: int) -> torch.Tensor:
+    """Expert.forward without host syncs and without concatenating keys: the T action tokens write
+    their K/V into the cache's reserved action slots `act_slots` (positions there = slot position of
+    n_ctx + arange(T), equal on all axes: the contract's action positions) and attend over key slots
+    [0, n) with `mask` hiding everything that is neither context (< n_ctx) nor an action slot.
+    emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length."""
+    k_samples = emb.shape[0]
+    cos, sin = cache.cos[act_slots], cache.sin[act_slots]
+    if mask is not None:
+        mask = mask.to(emb.dtype)
+    x = emb
+    for i, layer in enumerate(expert.layers):
+        attn = layer.self_attn
+        q, k, v = attn.project(layer.input_layernorm(x))
+        if cache.batch == k_samples:
+            cache_write(cache, i, act_slots, k, v, cos, sin)
+            keys, values = cache.k_rot[i, :, :, :n], cache.v[i, :, :, :n]
+        else:  # shared batch-1 context, K samples: append own keys (cannot share one slot range)
+            keys = torch.cat([cache.k_rot[i, :, :, :n].expand(k_samples, -1, -1, -1),
+                              apply_rotary(k, cos, sin)], dim=2)
+            values = torch.cat([cache.v[i, :, :, :n].expand(k_samples, -1, -1, -1), v], dim=2)
+        x = x + _out_proj(attn, gqa_attention(apply_rotary(q, cos, sin), keys, values, mask))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return expert.norm(x)
+
+
+def action_mask(n_ctx: torch.Tensor, act_slots: torch.Tensor, n_keys: int, dtype: torch.dtype,
+                shared_batch: bool = False) -> torch.Tensor:
+    """Additive [1, 1, 1, n_keys(+T)] mask of the action stage: context slots < n_ctx and the action
+    slots are visible (non-causal among the action tokens). With `shared_batch` the own keys are
+    appended after n_keys (see expert_forward)."""
+    keys = torch.arange(n_keys, device=act_slots.device)
+    visible = keys < n_ctx
+    if shared_batch:
+        visible = torch.cat([visible, torch.ones(act_slots.numel(), dtype=torch.bool, device=keys.device)])
+    else:
+        visible = visible | torch.isin(keys, act_slots)
+    zero = torch.zeros((), dtype=dtype, device=keys.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=keys.device)
+    return torch.where(visible, zero, neg)[None, None, None]
+
+
+@dataclass
+class VisionStatic:
+    """Grid-dependent inputs of the vision tower, computed once for a fixed image set
+    (equal-size images: attention is batched per image instead of split by cu_seqlens)."""
+
+    interp_indices: torch.Tensor
+    interp_weights: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    n_images: int
+    patches_per_image: int
+
+
+@torch.no_grad()
+def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    g = grid_thw.tolist()
+    if any(tuple(r) != tuple(g[0]) for r in g):
+        raise ValueError(f"vision_forward needs equal image grids, got {g}")
+    idx, w = get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+        align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.config.spatial_merge_size)
+    pos_ids = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
+    dummy = torch.empty(1, dtype=tower.patch_embed.proj.weight.dtype, device=grid_thw.device)
+    cos, sin = tower.rotary_pos_emb(dummy, pos_ids)
+    t, h, w_ = g[0]
+    return VisionStatic(idx, w, cos, sin, len(g), t * h * w_)
+
+
+def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Qwen3VLVisionModel.forward for equal-size images without host syncs: patch embedding as a
+    matmul, attention batched per image [n_img, heads, L, d]. Returns (merged embeds [n_tok, out],
+    deepstack features)."""
+    w_pe, b_pe = patch_embed_as_linear(tower)
+    x = F.linear(pixel_values.to(w_pe.dtype), w_pe, b_pe)
+    pos = (tower.pos_embed(st.interp_indices) * st.interp_weights[:, :, None]).sum(1)
+    x = x + pos.to(x.dtype)
+    n_tok, hid = x.shape
+    cos, sin = st.cos.unsqueeze(-2).float(), st.sin.unsqueeze(-2).float()
+    deep: list[torch.Tensor] = []
+    ds_index = list(tower.deepstack_visual_indexes)
+    for li, blk in enumerate(tower.blocks):
+        a = blk.attn
+        qkv = a.qkv(blk.norm1(x)).reshape(n_tok, 3, a.num_heads, -1)
+        q, k, v = qkv.unbind(1)
+        # rotary in float32, as transformers' apply_rotary_pos_emb_vision does
+        q = ((q.float() * cos) + (_rotate_half(q.float()) * sin)).to(x.dtype)
+        k = ((k.float() * cos) + (_rotate_half(k.float()) * sin)).to(x.dtype)
+
+        def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
+            return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
+        x = x + a.proj(o.transpose(1, 2).reshape(n_tok, hid))
+        x = x + blk.mlp(blk.norm2(x))
+        if li in ds_index:
+            deep.append(tower.deepstack_merger_list[ds_index.index(li)](x))
+    return tower.merger(x), deep
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def greedy_token(logits: torch.Tensor, banned: tuple[int, int]) -> torch.Tensor:
+    """argmax over the vocabulary with the id range [lo, hi) excluded (trajectory ids), no host sync."""
+    lo, hi = banned
+    logits = logits.float()
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    ban = (vocab >= lo) & (vocab < hi)
+    return logits.masked_fill(ban, float("-inf")).argmax(-1)
+
+
+# ------------------------------------------------------------------------------------ StageGraph
+
+class StageGraph:
+    """One captured stage: `fn(**buffers) -> tensor | tuple | list | dict of tensors`.
+
+    `inputs` maps names to example tensors; they are cloned into static buffers unless listed in
+    `shared` (then the tensor itself is the buffer: chains one graph's static output into the next
+    graph's input without a copy). `__call__(**new)` copies the given inputs into their buffers (names
+    not given keep their current content) and replays. With `enabled=False` or on the CPU, it calls
+    `fn` eagerly on the same buffers. Outputs are the static output tensors: copy or consume them
+    before the next call overwrites them.
+    """
+
+    def __init__(self, fn: Callable, inputs: dict[str, torch.Tensor], enabled: bool = True,
+                 shared: tuple[str, ...] = (), warmup: int = 2, name: str = "stage"):
+        self.fn, self.name = fn, name
+        self.buffers = {k: (v if k in shared else v.clone()) for k, v in inputs.items()}
+        dev = next(iter(self.buffers.values())).device if self.buffers else torch.device("cpu")
+        self.enabled = enabled and dev.type == "cuda" and torch.cuda.is_available()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs = None
+        if self.enabled:
+            self._capture(warmup)
+
+    @torch.no_grad()
+    def _capture(self, warmup: int) -> None:
+        # Warm-up on a side stream so lazy initialisation (cuBLAS handles, autotuning) stays out of
+        # the capture, as the PyTorch CUDA-graph recipe requires.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.fn(**self.buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.fn(**self.buffers)
+
+    @torch.no_grad()
+    def __call__(self, **new: torch.Tensor):
+        for k, v in new.items():
+            buf = self.buffers[k]
+            if v is not buf:
+                buf.copy_(v)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        return self.fn(**self.buffers)
+
+
+# ------------------------------------------------------------------------------------ flow schedules
+
+def flow_schedule(kind: str, n_uniform: int = 10) -> list[tuple[float, float, bool]]:
+    """[(t_i, dt_i, compute velocity?)]: 'uniform' = n_uniform Euler steps all computed; 'adaptive' =
+    FlashDrive's 8-step grid reusing the step-2 velocity at steps 3-6 (4 evaluations, flashdrive.md §5)."""
+    if kind == "uniform":
+        dt = 1.0 / n_uniform
+        return [(i * dt, dt, True) for i in range(n_uniform)]
+    if kind == "adaptive":
+        dt = 1.0 / 8
+        return [(i * dt, dt, i not in (3, 4, 5, 6)) for i in range(8)]
+    raise ValueError(f"flow schedule must be 'uniform' or 'adaptive', got {kind!r}")
+
+
+def run_flow(x: torch.Tensor, velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             schedule: list[tuple[float, float, bool]]) -> torch.Tensor:
+    """Euler integration x_{i+1} = x_i + dt_i * v_i with velocity reuse where compute is False.
+    t is passed as a [K] tensor made on the device (constant, capturable)."""
+    v = None
+    for t, dt, compute in schedule:
+        if compute or v is None:
+            v = velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
+        x = x + dt * v
+    return x
+
+
+__all__ = [
+    "FusedAttention", "FusedMLP", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
+    "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
+    "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "flow_schedule",
+    "run_flow",
+]

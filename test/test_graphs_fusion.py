@@ -1,0 +1,224 @@
+"""Fast-path equality: every fused / graph-safe stage returns what its eager engine version returns.
+
+CPU, float32, tiny shapes. CUDA capture itself is exercised on the device by the benchmark
+(python -m flashdrive_ros.bench), which compares graphed and eager outputs before timing.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from flashdrive_ros.engine import graphs
+from flashdrive_ros.engine.config import tiny_config
+from flashdrive_ros.engine.expert import Expert
+from flashdrive_ros.engine.kv_cache import StaticKVCache
+from flashdrive_ros.engine.rope import extend_positions, rope_index
+from flashdrive_ros.engine.streaming import causal_mask
+from flashdrive_ros.engine.text_model import TextModel
+from flashdrive_ros.engine.vision import build_vision_tower, encode_images
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            p.copy_(noise + 1.0 if "norm" in name and p.dim() == 1 else noise)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = tiny_config()
+    lm = TextModel(cfg.text).eval()
+    ex = Expert(cfg.expert_text_config()).eval()
+    _randomize(lm, 1)
+    _randomize(ex, 2)
+    return cfg, lm, ex
+
+
+def _cache(cfg, max_len: int, batch: int = 1, seed: int = 3) -> StaticKVCache:
+    # A prompt with two 2x4-token images so positions are genuinely 3-D.
+    ids = torch.zeros(max_len - 30, dtype=torch.long)
+    ids[5:13] = 7
+    ids[20:28] = 7
+    pos, _ = rope_index(ids, torch.tensor([[1, 4, 8], [1, 4, 8]]), 7, 2)
+    pos = extend_positions(pos, max_len)
+    c = StaticKVCache.for_config(cfg.text, batch, max_len, pos)
+    g = torch.Generator().manual_seed(seed)
+    # Stale garbage everywhere: the fast path must mask it, never read it.
+    c.k.copy_(torch.randn(c.k.shape, generator=g))
+    c.v.copy_(torch.randn(c.v.shape, generator=g))
+    c.set_positions(pos)
+    return c
+
+
+def test_fusion_keeps_keys_values_and_outputs(parts):
+    cfg, lm, _ = parts
+    fused = copy.deepcopy(lm)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    n = graphs.fuse_projections(fused)
+    assert n == 2 * cfg.text.num_hidden_layers
+    after = fused.state_dict()
+    assert list(after) == list(before)  # checkpoint keys unchanged, no extra keys
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    # one copy of the data: q_proj.weight is a view of the fused buffer
+    attn = fused.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert graphs.fuse_projections(fused) == 0  # idempotent
+
+    x = torch.randn(1, 9, cfg.text.hidden_size)
+    for a, b in ((lm.layers[1].self_attn, fused.layers[1].self_attn),):
+        for ta, tb in zip(a.project(x), b.project(x)):
+            torch.testing.assert_close(tb, ta, **TOL)
+    torch.testing.assert_close(fused.layers[2].mlp(x), lm.layers[2].mlp(x), **TOL)
+
+    c1, c2 = _cache(cfg, 80), _cache(cfg, 80)
+    slots = torch.arange(0, 40)
+    m = causal_mask(slots, 40)
+    e = torch.randn(1, 40, cfg.text.hidden_size)
+    h1, _ = lm(e, c1, slots, m, 40)
+    h2, _ = fused(e, c2, slots, m, 40)
+    torch.testing.assert_close(h2, h1, **TOL)
+    torch.testing.assert_close(c2.k_rot, c1.k_rot, **TOL)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_lm_forward_prefill_and_masked_decode_match_eager(parts, fuse):
+    cfg, lm, _ = parts
+    fast = copy.deepcopy(lm)
+    if fuse:
+        graphs.fuse_projections(fast)
+    max_len = 90
+    c_ref, c_fast = _cache(cfg, max_len), _cache(cfg, max_len)
+    H = cfg.text.hidden_size
+    # prefill 50 tokens with deepstack on 16 "image" rows
+    slots = torch.arange(50)
+    vis = torch.zeros(50, dtype=torch.bool)
+    vis[5:13] = True
+    vis[20:28] = True
+    deep = [torch.randn(16, H) for _ in range(3)]
+    x = torch.randn(1, 50, H)
+    ref, cap_ref = lm(x, c_ref, slots, causal_mask(slots, 50), 50, vis, deep, capture_layers=(1, 3))
+    out, cap = graphs.lm_forward(fast, x, c_fast, slots, graphs.causal_slot_mask(slots, 50, x.dtype), 50,
+                                 vis.nonzero().flatten(), deep, capture_layers=(1, 3))
+    torch.testing.assert_close(out, ref, **TOL)
+    for i in (1, 3):
+        torch.testing.assert_close(cap[i], cap_ref[i], **TOL)
+    # decode: eager reads exactly [0, cur]; the fast path reads all max_len slots (stale garbage
+    # beyond cur) and must mask them away.
+    for cur in range(50, 54):
+        t = torch.randn(1, 1, H)
+        s = torch.tensor([cur])
+        ref, _ = lm(t, c_ref, s, None, cur + 1)
+        out, _ = graphs.lm_forward(fast, t, c_fast, s, graphs.causal_slot_mask(s, max_len, t.dtype), max_len)
+        torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(c_fast.k_rot[:, :, :, :54], c_ref.k_rot[:, :, :, :54], **TOL)
+    # verify block of 8 (q = 8, causal within the block)
+    s = torch.arange(54, 62)
+    t = torch.randn(1, 8, H)
+    ref, _ = lm(t, c_ref, s, causal_mask(s, 62), 62)
+    out, _ = graphs.lm_forward(fast, t, c_fast, s, graphs.causal_slot_mask(s, max_len, t.dtype), max_len)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("k_samples", [1, 2])
+def test_expert_forward_matches_eager(parts, k_samples):
+    cfg, _, ex = parts
+    fast = copy.deepcopy(ex)
+    graphs.fuse_projections(fast)
+    T = cfg.action_space.n_waypoints
+    n_ctx = 57
+    max_len = n_ctx + 8 + T  # room for the action slots (and garbage between)
+    c_ref = _cache(cfg, max_len, batch=1, seed=5)
+    c_fast = _cache(cfg, max_len, batch=1, seed=5)
+    emb = torch.randn(k_samples, T, cfg.expert.hidden_size)
+    act_slots = torch.arange(n_ctx, n_ctx + T)
+    positions = c_ref.positions[:, act_slots]
+    ref = ex(emb, c_ref, n_ctx, positions)
+    shared = k_samples != c_fast.batch
+    n_keys = max_len
+    mask = graphs.action_mask(torch.tensor(n_ctx), act_slots, n_keys, emb.dtype, shared_batch=shared)
+    out = graphs.expert_forward(fast, emb, c_fast, act_slots, mask, n_keys)
+    torch.testing.assert_close(out, ref, **TOL)
+    # the context part of the cache is untouched
+    torch.testing.assert_close(c_fast.k[:, :, :, :n_ctx], c_ref.k[:, :, :, :n_ctx], rtol=0, atol=0)
+
+
+def test_vision_forward_matches_tower():
+    cfg = tiny_config()
+    tower = build_vision_tower(cfg.vision).eval()
+    _randomize(tower, 4)
+    grid = torch.tensor([[1, 8, 14]] * 3)
+    pix = torch.randn(3 * 8 * 14, 3 * 2 * 16 * 16)
+    ref = encode_images(tower, pix, grid)
+    st = graphs.vision_static(tower, grid)
+    emb, deep = graphs.vision_forward(tower, pix, st)
+    torch.testing.assert_close(emb, ref.embeds, **TOL)
+    assert len(deep) == len(ref.deepstack)
+    for a, b in zip(deep, ref.deepstack):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_cache_write_and_shift_match_cache_methods(parts):
+    cfg, _, _ = parts
+    a, b = _cache(cfg, 64, seed=7), _cache(cfg, 64, seed=7)
+    slots = torch.tensor([3, 9, 40])
+    k = torch.randn(1, cfg.text.num_key_value_heads, 3, cfg.text.head_dim)
+    v = torch.randn_like(k)
+    a.write(2, slots, k, v)
+    graphs.cache_write(b, 2, slots, k, v, b.cos[slots], b.sin[slots])
+    src, dst = torch.arange(10, 20), torch.arange(0, 10)
+    a.shift(src, dst)
+    graphs.cache_shift(b, src, dst)
+    for name in ("k", "v", "k_rot"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), **TOL)
+
+
+def test_stage_graph_eager_path_uses_static_buffers():
+    calls = []
+
+    def fn(x, y):
+        calls.append((x.data_ptr(), y.data_ptr()))
+        return x * 2 + y
+
+    x0, y0 = torch.ones(3), torch.zeros(3)
+    sg = graphs.StageGraph(fn, {"x": x0, "y": y0}, shared=("y",))
+    assert sg.graph is None  # CPU: no capture
+    assert sg.buffers["y"] is y0 and sg.buffers["x"] is not x0
+    out = sg(x=torch.full((3,), 5.0))
+    torch.testing.assert_close(out, torch.full((3,), 10.0))
+    y0.fill_(1.0)  # shared buffer: the next call sees the producer's new content
+    out = sg()
+    torch.testing.assert_close(out, torch.full((3,), 11.0))
+    assert all(p == calls[0] for p in calls)
+
+
+def test_flow_schedules():
+    uni = graphs.flow_schedule("uniform", 10)
+    ada = graphs.flow_schedule("adaptive")
+    assert sum(c for *_, c in uni) == 10 and abs(sum(dt for _, dt, _ in uni) - 1) < 1e-9
+    assert sum(c for *_, c in ada) == 4 and abs(sum(dt for _, dt, _ in ada) - 1) < 1e-9
+    evals = []
+
+    def vel(x, t):
+        evals.append(float(t[0]))
+        return torch.ones_like(x) * (1 + float(t[0]))
+
+    x = graphs.run_flow(torch.zeros(1, 4, 2), vel, ada)
+    assert evals == [0.0, 0.125, 0.25, 0.875]
+    # steps 0,1,2 own velocity, 3-6 reuse v(0.25), 7 own
+    expect = 0.125 * (1 + 1.125 + 1.25 + 4 * 1.25 + 1.875)
+    torch.testing.assert_close(x, torch.full((1, 4, 2), expect))
+
+
+def test_greedy_token_bans_range():
+    logits = torch.zeros(2, 20)
+    logits[0, 5] = 3.0
+    logits[0, 2] = 1.0
+    logits[1, 12] = 2.0
+    tok = graphs.greedy_token(logits, (4, 8))
+    assert tok.tolist() == [2, 12]
