@@ -75,20 +75,18 @@ def _build_empty(cfg: AlpamayoConfig, dtype: torch.dtype, device: torch.device) 
 
 
 def _restore_computed_buffers(model: AlpamayoModel, device: torch.device) -> None:
-    """Non-persistent buffers are not in checkpoints; recompute them after `to_empty`.
-    The only ones are the vision tower's RoPE frequencies; anything unknown is an error so that
-    a library change cannot silently leave garbage in a buffer."""
+    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage, so they
+    are recomputed (float32). An unknown one is an error: a library change must not silently
+    leave garbage in a buffer."""
     persistent = set(model.state_dict().keys())
-    for name, _ in model.named_buffers():
+    fresh = model.computed_buffers()
+    for name, _ in list(model.named_buffers()):
         if name in persistent:
             continue
-        module_name, _, buf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if hasattr(module, "compute_axial_rope_parameters") and buf in ("inv_freq", "original_inv_freq"):
-            inv_freq, _ = module.compute_axial_rope_parameters(module.config)
-            setattr(module, buf, inv_freq.to(device=device, dtype=torch.float32))
-        else:
+        if name not in fresh:
             raise CheckpointError(f"do not know how to rebuild non-persistent buffer {name!r}")
+        module_name, _, buf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), buf, fresh[name].to(device))
 
 
 # ---- reading the files -------------------------------------------------------------------------------

@@ -50,8 +50,22 @@ class AlpamayoModel(nn.Module):
         self.cfg = cfg
         self.vlm = _VLM(cfg)
         self.expert = Expert(cfg.expert_text_config())
-        self.action_in_proj = ActionInProj(cfg)
+        self.action_in_proj = ActionInProj(cfg.expert.hidden_size, cfg.action_in_proj)
         self.action_out_proj = nn.Linear(cfg.expert.hidden_size, ACTION_DIM, bias=True)
+
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """Fresh values of every non-persistent buffer (not stored in checkpoints), computed on CPU
+        by building the small modules that own them. The loader uses this after a meta-device
+        build; the owners are cheap (RoPE tables, Fourier frequencies)."""
+        from .action_proj import ActionInProj
+
+        with torch.device("cpu"):
+            owners = {
+                "vlm.model.visual.rotary_pos_emb": type(self.visual.rotary_pos_emb)(self.visual.config),
+                "action_in_proj": ActionInProj(self.cfg.expert.hidden_size, self.cfg.action_in_proj),
+            }
+        return {f"{prefix}.{name}": buf for prefix, owner in owners.items()
+                for name, buf in owner.named_buffers()}
 
     # ---- shortcuts to the parts the pipelines drive ------------------------------------------
     @property
