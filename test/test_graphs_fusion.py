@@ -197,24 +197,6 @@ def test_stage_graph_eager_path_uses_static_buffers():
     assert all(p == calls[0] for p in calls)
 
 
-def test_flow_schedules():
-    uni = graphs.flow_schedule("uniform", 10)
-    ada = graphs.flow_schedule("adaptive")
-    assert sum(c for *_, c in uni) == 10 and abs(sum(dt for _, dt, _ in uni) - 1) < 1e-9
-    assert sum(c for *_, c in ada) == 4 and abs(sum(dt for _, dt, _ in ada) - 1) < 1e-9
-    evals = []
-
-    def vel(x, t):
-        evals.append(float(t[0]))
-        return torch.ones_like(x) * (1 + float(t[0]))
-
-    x = graphs.run_flow(torch.zeros(1, 4, 2), vel, ada)
-    assert evals == [0.0, 0.125, 0.25, 0.875]
-    # steps 0,1,2 own velocity, 3-6 reuse v(0.25), 7 own
-    expect = 0.125 * (1 + 1.125 + 1.25 + 4 * 1.25 + 1.875)
-    torch.testing.assert_close(x, torch.full((1, 4, 2), expect))
-
-
 def test_greedy_token_bans_range():
     logits = torch.zeros(2, 20)
     logits[0, 5] = 3.0

@@ -26,7 +26,6 @@ Three layers, each usable alone:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,20 +107,25 @@ def patch_embed_as_linear(tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 
 # ---------------------------------------------------------------------------------- attention core
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, Q, D], k/v [B, KV, N, D], additive mask broadcastable to [B, 1, Q, N] -> [B, H, Q, D].
+def fold_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """Additive mask [B|1, 1, Q, N] -> the mask of the folded query axis [B|1, 1, g*Q, N] (row j*Q + q
+    = row q). A one-row mask stays a broadcast view; others are tiled once per forward, not per layer."""
+    if mask is None or groups == 1 or mask.shape[-2] == 1:
+        return mask
+    return mask.repeat(1, 1, groups, 1)
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, Q, D], k/v [B, KV, N, D], `fmask` from fold_mask (additive) -> [B, H, Q, D].
 
     Query heads h = kv * g + j (transformers' repeat_kv order) are folded into the query axis so
-    every kv head is read once: [B, KV, g*Q, D]."""
+    every kv head is read once: [B, KV, g*Q, D], no repeat_kv copy of the keys."""
     b, h, qn, d = q.shape
     kv = k.shape[1]
     g = h // kv
     if g == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    qf = q.reshape(b, kv, g * qn, d)
-    if mask is not None:
-        mask = mask.expand(mask.shape[0], 1, qn, mask.shape[-1]).repeat(1, 1, g, 1)
-    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=fmask)
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, g * qn, d), k, v, attn_mask=fmask)
     return out.reshape(b, h, qn, d)
 
 
@@ -172,8 +176,8 @@ def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tens
     deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs)."""
     b = x.shape[0]
     cos, sin = cache.cos[slots], cache.sin[slots]
-    if mask is not None:
-        mask = mask.to(x.dtype)
+    a0 = lm.layers[0].self_attn
+    mask = fold_mask(None if mask is None else mask.to(x.dtype), a0.n_heads // a0.n_kv)
     captured: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
@@ -200,8 +204,8 @@ def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, ma
     emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length."""
     k_samples = emb.shape[0]
     cos, sin = cache.cos[act_slots], cache.sin[act_slots]
-    if mask is not None:
-        mask = mask.to(emb.dtype)
+    a0 = expert.layers[0].self_attn
+    mask = fold_mask(None if mask is None else mask.to(emb.dtype), a0.n_heads // a0.n_kv)
     x = emb
     for i, layer in enumerate(expert.layers):
         attn = layer.self_attn
@@ -359,35 +363,8 @@ class StageGraph:
         return self.fn(**self.buffers)
 
 
-# ------------------------------------------------------------------------------------ flow schedules
-
-def flow_schedule(kind: str, n_uniform: int = 10) -> list[tuple[float, float, bool]]:
-    """[(t_i, dt_i, compute velocity?)]: 'uniform' = n_uniform Euler steps all computed; 'adaptive' =
-    FlashDrive's 8-step grid reusing the step-2 velocity at steps 3-6 (4 evaluations, flashdrive.md §5)."""
-    if kind == "uniform":
-        dt = 1.0 / n_uniform
-        return [(i * dt, dt, True) for i in range(n_uniform)]
-    if kind == "adaptive":
-        dt = 1.0 / 8
-        return [(i * dt, dt, i not in (3, 4, 5, 6)) for i in range(8)]
-    raise ValueError(f"flow schedule must be 'uniform' or 'adaptive', got {kind!r}")
-
-
-def run_flow(x: torch.Tensor, velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             schedule: list[tuple[float, float, bool]]) -> torch.Tensor:
-    """Euler integration x_{i+1} = x_i + dt_i * v_i with velocity reuse where compute is False.
-    t is passed as a [K] tensor made on the device (constant, capturable)."""
-    v = None
-    for t, dt, compute in schedule:
-        if compute or v is None:
-            v = velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
-        x = x + dt * v
-    return x
-
-
 __all__ = [
     "FusedAttention", "FusedMLP", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
-    "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "flow_schedule",
-    "run_flow",
+    "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
 ]
