@@ -71,7 +71,10 @@ link_dir() {  # link_dir <link path> <target>: create or fix a symlink, refuse t
   say "linked $link -> $target"
 }
 link_dir "$BAKED/include/python$PYVER" "$PY_INC"
-link_dir "$BAKED/lib/python$PYVER/site-packages/numpy/_core/include" "$NP_INC"
+NP_LINK="$BAKED/lib/python$PYVER/site-packages/numpy/_core/include"
+link_dir "$NP_LINK" "$NP_INC"
+# numpy's headers are passed through the link: with the venv inside the repo the real path lies in the
+# source tree, which CMake refuses as an exported include directory of the generated Python target.
 
 # 3. colcon build. The wheel prefix plays the role of /opt/ros/<distro>.
 if [[ $CLEAN == 1 ]]; then
@@ -85,7 +88,8 @@ cd "$REPO"
 CMD=(colcon build --base-paths "$REPO" --packages-select flashdrive_ros
      --build-base "$BUILD_BASE" --install-base "$INSTALL_BASE"
      --cmake-args -DBUILD_TESTING=OFF
-     "-DPython3_EXECUTABLE=$PYTHON" -DCMAKE_BUILD_TYPE=Release ${EXTRA[@]+"${EXTRA[@]}"})
+     "-DPython3_EXECUTABLE=$PYTHON" -DCMAKE_BUILD_TYPE=Release
+     "-DPython3_NumPy_INCLUDE_DIR=$NP_LINK" ${EXTRA[@]+"${EXTRA[@]}"})
 say "${CMD[*]}"
 start=$(date +%s)
 "${CMD[@]}" || die "colcon build failed (CMake/compiler output above)"
