@@ -1,0 +1,433 @@
+"""DriveEngine: one window of 4 cameras x 4 frames + ego history -> reasoning text + K trajectories.
+
+Two pipelines over the same weights and the same static, pre-RoPE KV cache:
+
+baseline (and the first window after every reset in streaming mode)
+    preprocess 16 images -> encode 16 -> build prompt ids (history ids scattered into the 48
+    placeholders) -> full prefill at slots [0, L) with M-RoPE positions from `rope_index`, extended by
+    consecutive values -> decode token by token until <|cot_end|> (or max_new_tokens, then
+    <|cot_end|> is forced) -> feed <|traj_future_start|> so its K/V is cached -> action expert over
+    slots [0, that slot + 1) with K noise samples in one batch -> flow sampler -> unicycle decode.
+
+streaming (later windows, flashdrive.md §2)
+    preprocess + encode only the newest frame of each camera (4 images) -> write them plus the
+    recomputed tail at `StreamingLayout.streaming_query_slots()` with the streaming mask; every slot
+    keeps its window-0 position (keys are stored pre-RoPE and rotated at read time) -> decode / expert
+    exactly as above -> shift frames 1..3 onto 0..2 with one index copy.
+
+Decode reads a fixed key window [0, max_len) with an explicit valid-length mask, so a decode token
+never sees stale slots (previous window's decode / action K/V, garbage) — pitfall 2 of flashdrive.md §9.
+
+The stream is reset (next step = full prefill) on `reset()`, on a t0 that is not ~0.1 s after the
+previous one (t0 going backwards or a gap outside [stream_min_gap_us, stream_max_gap_us]), and on a
+prompt layout change (e.g. a different image size changes the token count): the step then simply runs
+the full prefill and reports `full_prefill=True`.
+
+Randomness (token sampling at temperature > 0, flow noise) comes from generators seeded from
+(seed, t0_us), so a window's result does not depend on what ran before it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .action_space import UnicycleActionSpace
+from .flow import FlowSchedule, sample as flow_sample
+from .history import encode_history, history_kwargs
+from .kv_cache import StaticKVCache
+from .loader import TINY_DIR, create_tiny, load_model, resolve_dtype
+from .preprocess import preprocess_images, tokens_per_image
+from .prompt import PromptLayout, build_prompt, extract_reasoning
+from .rope import extend_positions, rope_index
+from .sampling import choose_next_token
+from .streaming import LayoutChanged, StreamingLayout, causal_mask
+from .tokens import TokenIds, load_tokenizer
+
+CAMERA_NAMES = ("camera_cross_left_120fov", "camera_front_wide_120fov",
+                "camera_cross_right_120fov", "camera_front_tele_30fov")
+CAMERA_INDICES = (0, 1, 2, 6)  # Alpamayo camera indices of CAMERA_NAMES, sorted
+N_FRAMES = 4
+HISTORY_STEPS = 16
+N_WAYPOINTS = 64
+STAGES = ("preprocess", "encode", "prefill", "decode", "action", "total")
+
+
+@dataclass
+class StepResult:
+    """Output of one window. Arrays are numpy float32; K = num_samples."""
+
+    xyz: np.ndarray                 # [K, 64, 3] waypoints in the ego frame at t0 (k -> t0 + (k+1)*0.1 s)
+    yaw: np.ndarray                 # [K, 64]
+    rot: np.ndarray                 # [K, 64, 3, 3]
+    reasoning: str                  # chain-of-causation text
+    num_tokens: int                 # generated reasoning tokens (incl. <|cot_end|> when the model emitted it)
+    timings_ms: dict[str, float]    # preprocess, encode, prefill, decode, action, total
+    full_prefill: bool              # True: all 16 frames were encoded and prefilled
+    verify_passes: int              # LM forward passes in the decode stage
+    tokens_per_pass: float          # num_tokens / verify_passes (1.0-ish without speculation)
+    t0_us: int
+    token_ids: list[int] = field(default_factory=list)  # generated ids (for tests / evaluation)
+
+
+class StageTimer:
+    """Per-stage wall time: perf_counter on CPU; CUDA events on GPU, synchronised once in `finish`."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._spans: dict[str, list] = {name: [] for name in STAGES if name != "total"}
+        self._t0 = time.perf_counter()
+        if self.cuda:
+            self._start_event = self._event()
+
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stage(self, name: str) -> "_Span":
+        if name not in self._spans:
+            raise ValueError(f"unknown stage {name!r}; stages are {tuple(self._spans)}")
+        return _Span(self, name)
+
+    def finish(self) -> dict[str, float]:
+        if self.cuda:
+            end = self._event()
+            torch.cuda.synchronize()
+            out = {n: sum(a.elapsed_time(b) for a, b in spans) for n, spans in self._spans.items()}
+            out["total"] = self._start_event.elapsed_time(end)
+        else:
+            out = {n: 1e3 * sum(b - a for a, b in spans) for n, spans in self._spans.items()}
+            out["total"] = 1e3 * (time.perf_counter() - self._t0)
+        return out
+
+
+class _Span:
+    def __init__(self, timer: StageTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.start = self.timer._event() if self.timer.cuda else time.perf_counter()
+
+    def __exit__(self, *exc):
+        end = self.timer._event() if self.timer.cuda else time.perf_counter()
+        self.timer._spans[self.name].append((self.start, end))
+
+
+# --------------------------------------------------------------------------------- input checks
+def validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """Check the step() arguments; raise ValueError naming what is wrong."""
+    if not isinstance(frames, np.ndarray):
+        raise ValueError(f"frames must be a numpy array, got {type(frames).__name__}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [n_cams={len(CAMERA_NAMES)}, {N_FRAMES}, H, W, 3], got shape {frames.shape}")
+    if frames.shape[0] != len(CAMERA_NAMES):
+        raise ValueError(f"frames has {frames.shape[0]} cameras, expected {len(CAMERA_NAMES)} {CAMERA_NAMES}")
+    if frames.shape[1] != N_FRAMES:
+        raise ValueError(f"frames has {frames.shape[1]} frames per camera, expected {N_FRAMES} (t0-0.3 s .. t0)")
+    if isinstance(t0_us, bool) or not isinstance(t0_us, (int, np.integer)):
+        raise ValueError(f"t0_us must be an integer number of microseconds, got {type(t0_us).__name__}")
+    xyz = np.asarray(ego_history_xyz, dtype=np.float64)
+    rot = np.asarray(ego_history_rot, dtype=np.float64)
+    if xyz.shape != (HISTORY_STEPS, 3):
+        raise ValueError(f"ego_history_xyz must be [{HISTORY_STEPS}, 3], got shape {xyz.shape}")
+    if rot.shape != (HISTORY_STEPS, 3, 3):
+        raise ValueError(f"ego_history_rot must be [{HISTORY_STEPS}, 3, 3], got shape {rot.shape}")
+    if not np.isfinite(xyz).all():
+        raise ValueError("ego_history_xyz contains NaN or inf")
+    if not np.isfinite(rot).all():
+        raise ValueError("ego_history_rot contains NaN or inf")
+    return frames, int(t0_us), xyz, rot
+
+
+def _step_seed(seed: int, t0_us: int) -> int:
+    # A window's randomness depends only on (seed, t0), not on the history of calls.
+    return (seed * 1_000_003 + t0_us) % (2 ** 63 - 1)
+
+
+# --------------------------------------------------------------------------------- engine
+class DriveEngine:
+    """See the module docstring. Build with `DriveEngine.from_pretrained(...)`."""
+
+    def __init__(self, model, tokenizer, *, streaming: bool = True, flow_schedule: str = "uniform",
+                 num_samples: int = 1, speculative: bool = False, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 0.98, seed: int = 0,
+                 stream_min_gap_us: int = 50_000, stream_max_gap_us: int = 150_000,
+                 shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
+                 weights_description: str = ""):
+        if speculative:
+            raise NotImplementedError("speculative=True needs engine/speculative.py (issue 6), not available yet")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 < stream_min_gap_us <= stream_max_gap_us:
+            raise ValueError(f"need 0 < stream_min_gap_us ({stream_min_gap_us}) <= stream_max_gap_us ({stream_max_gap_us})")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.ids = TokenIds.from_tokenizer(
+            tokenizer, self.cfg.traj_token_start_idx, self.cfg.traj_vocab_size, self.cfg.future_traj_bins,
+            self.cfg.hist_tokenizer.num_bins, self.cfg.traj_token_ids or None)
+        if self.ids.vocab_size != self.cfg.vocab_size:
+            raise ValueError(f"tokenizer vocabulary ({self.ids.vocab_size}) != model vocab_size ({self.cfg.vocab_size})")
+        self.device, self.dtype = model.device, model.dtype
+        self.streaming = streaming
+        self.schedule = FlowSchedule.from_name(flow_schedule)
+        self.flow_schedule = flow_schedule
+        self.num_samples = num_samples
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.stream_min_gap_us, self.stream_max_gap_us = int(stream_min_gap_us), int(stream_max_gap_us)
+        self.shift_mode = shift_mode
+        self.diffusion_temperature = float(diffusion_temperature)
+        self.weights_description = weights_description
+        self._hist_kwargs = history_kwargs(self.cfg.hist_tokenizer)
+        self.action_space = UnicycleActionSpace(self.cfg.action_space)
+        if self.action_space.n_waypoints != N_WAYPOINTS:
+            raise ValueError(f"action space has {self.action_space.n_waypoints} waypoints, the engine needs {N_WAYPOINTS}")
+        self._templates: dict[int, tuple[torch.Tensor, PromptLayout]] = {}
+        self.cache: StaticKVCache | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str | Path = "tiny", device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str = torch.float32, **kwargs) -> "DriveEngine":
+        """'tiny': the shipped checkpoint in flashdrive_ros/assets/tiny if it has weights, otherwise
+        `create_tiny(seed)` in memory (random weights) with the shipped tokenizer. Anything else is a
+        checkpoint directory holding config.json, weights and tokenizer files."""
+        dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        seed = int(kwargs.get("seed", 0))
+        if str(model) == "tiny":
+            directory = TINY_DIR
+            has_weights = (directory / "config.json").is_file() and any(directory.glob("model*.safetensors"))
+            if has_weights:
+                net = load_model(directory, dtype, device)
+                desc = f"checkpoint {directory}"
+            else:
+                net = create_tiny(seed).to(device=device, dtype=dtype)
+                desc = f"random tiny weights (create_tiny(seed={seed}), nothing trained)"
+        else:
+            directory = Path(model)
+            net = load_model(directory, dtype, device)
+            desc = f"checkpoint {directory}"
+        tokenizer = load_tokenizer(directory, net.cfg.traj_token_start_idx, net.cfg.traj_vocab_size)
+        return cls(net, tokenizer, weights_description=desc, **kwargs)
+
+    # ------------------------------------------------------------------ stream state
+    def reset(self) -> None:
+        """Forget the stream: the next step runs a full prefill of all 16 frames."""
+        self.layout: StreamingLayout | None = None
+        self._last_t0: int | None = None
+        self._prompt_layout: PromptLayout | None = None
+        if self.cache is not None:
+            self.cache.clear()
+
+    def _continues_stream(self, t0_us: int) -> bool:
+        if not self.streaming or self.layout is None or self._last_t0 is None:
+            return False
+        gap = t0_us - self._last_t0
+        return self.stream_min_gap_us <= gap <= self.stream_max_gap_us
+
+    # ------------------------------------------------------------------ prompt
+    def _prompt(self, n_image_tokens: int, history_ids: torch.Tensor) -> tuple[torch.Tensor, PromptLayout]:
+        """Prompt ids [L] with this window's history ids; the template is built once per image size."""
+        if n_image_tokens not in self._templates:
+            self._templates[n_image_tokens] = build_prompt(
+                self.tokenizer, self.ids, CAMERA_INDICES, N_FRAMES, n_image_tokens,
+                include_camera_ids=self.cfg.include_camera_ids, include_frame_nums=self.cfg.include_frame_nums)
+        template, layout = self._templates[n_image_tokens]
+        ids = template.clone()
+        ids[layout.history_positions] = history_ids.to(ids.dtype)
+        return ids, layout
+
+    @staticmethod
+    def streaming_layout(layout: PromptLayout) -> StreamingLayout:
+        """Frozen streaming slot ranges from a PromptLayout (labels = text in front of each frame)."""
+        labels = []
+        for v, view in enumerate(layout.slots):
+            lab_v, prev_end = [], layout.label_ranges[v][0]
+            for start, end in view:
+                lab_v.append((prev_end, start))
+                prev_end = end
+            labels.append(tuple(lab_v))
+        return StreamingLayout(tuple(tuple(v) for v in layout.slots), tuple(labels), layout.tail, layout.length)
+
+    def _ensure_cache(self, max_len: int, positions: torch.Tensor) -> None:
+        if self.cache is None or self.cache.max_len != max_len:
+            self.cache = StaticKVCache.for_config(self.cfg.text, 1, max_len, positions, self.dtype, self.device)
+        elif not torch.equal(self.cache.positions, positions.to(self.cache.positions.device)):
+            self.cache.set_positions(positions)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self, frames, t0_us, ego_history_xyz, ego_history_rot) -> StepResult:
+        frames, t0_us, hist_xyz, hist_rot = validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot)
+        timer = StageTimer(self.device)
+        h, w = frames.shape[2:4]
+
+        with timer.stage("preprocess"):
+            n_img_tok = tokens_per_image(h, w, self.cfg.min_pixels, self.cfg.max_pixels,
+                                         self.cfg.vision.patch_size, self.cfg.vision.spatial_merge_size)
+            history_ids = encode_history(torch.from_numpy(hist_xyz).float(), self.ids.history_start,
+                                         **self._hist_kwargs)
+            ids, playout = self._prompt(n_img_tok, history_ids)
+            stream = self._continues_stream(t0_us)
+            if stream:
+                try:
+                    self.layout.check_same_layout(self.streaming_layout(playout))
+                except LayoutChanged:
+                    stream = False  # token count changed: the frozen slots are invalid -> full prefill
+            images = frames[:, -1] if stream else frames.reshape(-1, *frames.shape[2:])
+            pixels, grid_thw = preprocess_images(images, self.cfg.min_pixels, self.cfg.max_pixels,
+                                                 self.cfg.vision.patch_size, self.cfg.vision.temporal_patch_size,
+                                                 self.cfg.vision.spatial_merge_size, device=self.device)
+            ids = ids.to(self.device)
+
+        with timer.stage("encode"):
+            feats = self.model.encode_images(pixels, grid_thw.to(self.device))
+
+        with timer.stage("prefill"):
+            if stream:
+                last_hidden = self._streaming_prefill(ids, feats)
+            else:
+                last_hidden = self._full_prefill(ids, playout, feats, grid_thw)
+            logits = self.model.logits(last_hidden)
+
+        gen = self._make_generator(t0_us)
+        with timer.stage("decode"):
+            tokens, n_generated, passes, n_ctx = self._decode(logits, playout.length, gen)
+
+        with timer.stage("action"):
+            xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
+
+        if self.streaming:
+            with timer.stage("prefill"):  # cache maintenance for the next window's prefill
+                self.cache.shift(*self._shift)
+            self._last_t0 = t0_us
+        timings = timer.finish()
+        reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
+        return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
+                          timings_ms=timings, full_prefill=not stream, verify_passes=passes,
+                          tokens_per_pass=n_generated / max(passes, 1), t0_us=t0_us, token_ids=tokens)
+
+    # ------------------------------------------------------------------ stages
+    def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
+        """All prompt tokens at slots [0, L), causal. Freezes the streaming layout. Returns hidden [1, H]."""
+        length = playout.length
+        max_len = length + self.max_new_tokens + 2  # + forced <|cot_end|> + <|traj_future_start|>
+        positions, _ = rope_index(ids.cpu(), grid_thw.cpu(), self.ids.image_pad, self.cfg.vision.spatial_merge_size)
+        self._ensure_cache(max_len, extend_positions(positions, max_len))
+        visual = ids == self.ids.image_pad
+        embeds = self._embed_with_images(ids, visual, feats)
+        slots = torch.arange(length, device=self.device)
+        hidden, _ = self.model.language_model(
+            embeds, self.cache, slots, causal_mask(slots, length, self.dtype), length,
+            visual_pos_mask=visual, deepstack=feats.deepstack)
+        if self.streaming:
+            self.layout = self.streaming_layout(playout)
+            self._query_slots = self.layout.streaming_query_slots().to(self.device)
+            self._stream_mask = self.layout.streaming_mask(length, self.dtype).to(self.device)
+            self._shift = tuple(t.to(self.device) for t in self.layout.shift_indices(self.shift_mode))
+        return hidden[:, -1]
+
+    def _streaming_prefill(self, ids: torch.Tensor, feats) -> torch.Tensor:
+        """Newest frame of every view + the tail, at their frozen slots, under the streaming mask."""
+        q_ids = ids[self._query_slots]
+        visual = q_ids == self.ids.image_pad
+        embeds = self._embed_with_images(q_ids, visual, feats)
+        hidden, _ = self.model.language_model(
+            embeds, self.cache, self._query_slots, self._stream_mask, self.layout.prefill_len,
+            visual_pos_mask=visual, deepstack=feats.deepstack)
+        return hidden[:, -1]
+
+    def _embed_with_images(self, ids: torch.Tensor, visual: torch.Tensor, feats) -> torch.Tensor:
+        n_vis = int(visual.sum())
+        if n_vis != feats.embeds.shape[0]:
+            raise RuntimeError(f"prompt has {n_vis} image tokens but the encoder produced {feats.embeds.shape[0]}")
+        embeds = self.model.embed(ids[None])
+        embeds[0, visual] = feats.embeds.to(embeds.dtype)
+        return embeds
+
+    def _make_generator(self, t0_us: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(_step_seed(self.seed, t0_us))
+
+    def _decode(self, logits: torch.Tensor, start: int, gen: torch.Generator) -> tuple[list[int], int, int, int]:
+        """Greedy / sampled reasoning from slot `start`; ends with <|cot_end|><|traj_future_start|> in the cache.
+
+        Every forward reads the fixed key window [0, max_len) with a valid-length mask (keys <= own slot).
+        Returns (generated ids, number the model generated, forward passes, n_ctx for the expert).
+        """
+        cot_end, tfs = self.ids.cot_end, self.ids.traj_future_start
+        max_len = self.cache.max_len
+        keys = torch.arange(max_len, device=self.device)
+        neg = torch.finfo(self.dtype).min
+        lm = self.model.language_model
+        generated: list[int] = []
+        slot, passes = start, 0
+
+        def feed(token: int) -> torch.Tensor:
+            nonlocal slot, passes
+            slots = torch.tensor([slot], device=self.device)
+            mask = torch.where(keys <= slot, 0.0, neg).to(self.dtype).view(1, 1, 1, max_len)
+            hidden, _ = lm(self.model.embed(slots.new_tensor([[token]])), self.cache, slots, mask, max_len)
+            slot += 1
+            passes += 1
+            return self.model.logits(hidden[:, -1])
+
+        while True:
+            token = self._choose(logits, gen)
+            generated.append(token)
+            if token == cot_end or len(generated) >= self.max_new_tokens:
+                break
+            logits = feed(token)
+        n_generated = len(generated)
+        feed(generated[-1])
+        if generated[-1] != cot_end:
+            generated.append(cot_end)  # budget exhausted: close the reasoning as the expert expects
+            feed(cot_end)
+        feed(tfs)
+        return generated, n_generated, passes, slot
+
+    def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> int:
+        if self.temperature == 0.0:
+            return int(choose_next_token(logits, self.ids.traj_start, self.ids.traj_vocab_size)[0])
+        return int(choose_next_token(logits.float().cpu(), self.ids.traj_start, self.ids.traj_vocab_size,
+                                     self.temperature, self.top_p, generator=gen)[0])
+
+    def _action(self, n_ctx: int, hist_xyz: np.ndarray, hist_rot: np.ndarray, gen: torch.Generator):
+        """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories."""
+        k = self.num_samples
+        start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
+        action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
+        noise = torch.randn((k, N_WAYPOINTS, 2), generator=gen) * self.diffusion_temperature
+        noise = noise.to(self.device)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tokens = self.model.action_in_proj(x, t)
+            hidden = self.model.expert(tokens, self.cache, n_ctx, action_positions)
+            return self.model.action_velocity(hidden)
+
+        actions = flow_sample(velocity, noise, self.schedule)
+        return self._trajectory(actions, hist_xyz, hist_rot)
+
+    def _trajectory(self, actions: torch.Tensor, hist_xyz: np.ndarray, hist_rot: np.ndarray):
+        """Normalized (accel, curvature) [K, 64, 2] -> numpy xyz [K,64,3], yaw [K,64], rot [K,64,3,3].
+
+        Integrated on the CPU in float64 (64 sequential steps; cheaper than on the GPU)."""
+        traj = self.action_space.action_to_trajectory(
+            actions.detach().to("cpu", torch.float64), torch.from_numpy(hist_xyz), torch.from_numpy(hist_rot))
+        return (traj.xyz.float().numpy(), traj.yaw.float().numpy(), traj.rot.float().numpy())
