@@ -156,3 +156,30 @@ def test_capture_layers_returns_decoder_layer_outputs(setup):
     assert rel_err(captured[0], ref.hidden_states[1]) < 1e-5
     assert rel_err(captured[2], ref.hidden_states[3]) < 1e-5
     del mm
+
+
+@torch.no_grad()
+def test_bf16_prefill_stays_within_bf16_noise_of_transformers():
+    """Same weights in bfloat16 on both sides: rounding differs only in op order (measured ~0.5%)."""
+    cfg = tiny_config()
+    hf = hf_model(cfg).to(torch.bfloat16)
+    ours = _VLM(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ours = ours.to(torch.bfloat16)
+    grids = torch.tensor([[1, 4, 6], [1, 6, 4]])
+    ids = prompt(cfg, grids.tolist())
+    pixels = torch.randn(48, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(2))
+    mm = (ids == cfg.image_token_id).int()[None]
+    ref = hf(input_ids=ids[None], pixel_values=pixels.bfloat16(), image_grid_thw=grids, mm_token_type_ids=mm)
+    feats = encode_images(ours.model.visual, pixels, grids)
+    L = ids.numel()
+    positions, _ = rope_index(ids, grids, cfg.image_token_id, cfg.vision.spatial_merge_size)
+    cache = StaticKVCache.for_config(cfg.text, 1, L, positions, torch.bfloat16)
+    lm = ours.model.language_model
+    visual = ids == cfg.image_token_id
+    embeds = lm.embed_tokens(ids).clone()
+    embeds[visual] = feats.embeds
+    mask = torch.full((L, L), float("-inf")).triu(1)[None, None]
+    hidden, _ = lm(embeds[None], cache, torch.arange(L), mask, L, visual, feats.deepstack)
+    assert cache.k.dtype == torch.bfloat16
+    assert rel_err(ours.lm_head(hidden).float(), ref.logits.float()) < 2e-2
