@@ -216,6 +216,15 @@ class Player:
                 self.counts[conn.topic] = self.counts.get(conn.topic, 0) + 1
         return True
 
+    def flush(self, timeout_s: float = 1.0) -> None:
+        """Give reliable subscribers the chance to receive the last messages before we go away."""
+        from rclpy.duration import Duration
+        for pub in [p for p in self.pubs.values() if p is not None] + [self.clock_pub]:
+            try:
+                pub.wait_for_all_acked(Duration(seconds=timeout_s))
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
     def run(self) -> bool:
         """Play all bags (looping if asked). Returns False if stopped early."""
         if self.p.delay > 0 and self.stop.wait(self.p.delay):
@@ -303,7 +312,9 @@ def main(argv=None) -> int:
         rc = 2
     finally:
         stop.set()
+        player.flush()
         executor.shutdown(timeout_sec=1.0)
+        spin.join(timeout=2.0)
         node.destroy_node()
         rclpy.try_shutdown()
     return rc
