@@ -170,14 +170,19 @@ def causal_slot_mask(q_slots: torch.Tensor, n_keys: int, dtype: torch.dtype, lim
 
 def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tensor | None, n: int,
                vis_idx: torch.Tensor | None = None, deepstack: list[torch.Tensor] | None = None,
-               capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """TextModel.forward without host syncs. x [B, Q, H]; slots [Q]; mask additive [1|B, 1, Q, n];
+               capture_layers: tuple[int, ...] = (), mask_folded: bool = False
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """TextModel.forward without host syncs. x [B, Q, H]; slots [Q]; mask additive [1|B, 1, Q, n]
+    (or already `fold_mask`-ed when mask_folded: constant prefill masks are folded once at build);
     vis_idx LongTensor [n_vis] = query rows of image tokens (replaces the bool visual_pos_mask);
     deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs)."""
     b = x.shape[0]
     cos, sin = cache.cos[slots], cache.sin[slots]
     a0 = lm.layers[0].self_attn
-    mask = fold_mask(None if mask is None else mask.to(x.dtype), a0.n_heads // a0.n_kv)
+    if mask is not None:
+        mask = mask.to(x.dtype)
+        if not mask_folded:
+            mask = fold_mask(mask, a0.n_heads // a0.n_kv)
     captured: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn

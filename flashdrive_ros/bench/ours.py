@@ -1,0 +1,466 @@
+"""Our engine's stages at a named shape, timed per stage, in every benchmark mode.
+
+The pipeline drives the engine pieces the way engine.py's pipelines do (AlpamayoModel, StaticKVCache,
+StreamingLayout, flow.FlowSchedule), on the synthetic window of bench/shapes.py:
+
+  baseline    full re-encode of 16 images, full prefill, autoregressive decode (q = 1), 10 flow
+              evaluations; the engine's eager modules (TextModel / Expert / transformers vision tower).
+  streaming   encode the 4 newest images, shift the cache, re-prefill new frames + tail only.
+  spec τ      decode as verify passes of q = 8 with a *scripted drafter*: the block holds the target's
+              own greedy continuation and the pass accepts a scripted count so that the mean accept
+              length is τ (random weights accept nothing on their own). The DFlash-shaped draft model
+              (2 decoder layers + context projection + lm_head) still runs every pass with random
+              weights, so its time is counted; its tokens are replaced by the script.
+  adaptive    FlashDrive's 8-step flow schedule with velocity reuse: 4 expert evaluations.
+  graphs      fused QKV / gate-up projections + one CUDA graph per stage (graphs.py).
+
+Weights are random bf16 created on the device: the numbers are timings only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..engine import graphs as G
+from ..engine.flow import FlowSchedule, sample
+from ..engine.kv_cache import StaticKVCache
+from ..engine.rope import apply_rotary, extend_positions, mrope_cos_sin, rope_index
+from ..engine.streaming import StreamingLayout, causal_mask
+from ..engine.text_model import DecoderLayer, RMSNorm
+from .shapes import DRAFT_BLOCK, Shape, make_workload
+from .timing import Clock
+
+
+@dataclass(frozen=True)
+class Mode:
+    streaming: bool = False
+    tau: float | None = None      # scripted mean accept length; None = autoregressive decode
+    flow: str = "uniform"         # "uniform" (10 evaluations) | "adaptive" (4)
+    graphs: bool = False          # fused projections + CUDA graphs
+
+    def label(self) -> str:
+        parts = []
+        if self.graphs:
+            parts.append("graphs+fusion")
+        if self.streaming:
+            parts.append("streaming")
+        if self.tau is not None:
+            parts.append(f"spec τ={self.tau:g} (scripted drafter)")
+        if self.flow == "adaptive":
+            parts.append("adaptive flow")
+        return " + ".join(parts) if parts else "baseline"
+
+
+def accept_schedule(n_tokens: int, tau: float, block: int = DRAFT_BLOCK) -> list[int]:
+    """Tokens accepted per verify pass (bonus token included): ceil(n / τ) passes, as even as possible."""
+    if not 1.0 <= tau <= block:
+        raise ValueError(f"τ must be in [1, {block}], got {tau}")
+    n_pass = math.ceil(n_tokens / tau - 1e-9)
+    base, extra = divmod(n_tokens, n_pass)
+    sched = [base + 1] * extra + [base] * (n_pass - extra)
+    assert sum(sched) == n_tokens and max(sched) <= block
+    return sched
+
+
+def _round_up(x: int, m: int = 16) -> int:
+    # key counts are kept multiples of 16: SDPA's memory-efficient kernel pads unaligned masks per call
+    return (x + m - 1) // m * m
+
+
+def dflash_context_layers(n_layers: int) -> tuple[int, ...]:
+    """Target layers whose hidden states condition the drafter (flashdrive.md §4), scaled to small models."""
+    if n_layers == 36:
+        return (24, 30, 31, 32, 34)
+    return tuple(range(max(0, n_layers - 5), n_layers))
+
+
+class DraftStandIn(nn.Module):
+    """A DFlash-shaped drafter with random weights (2 target-width decoder layers, context projection of
+    the captured target states, shared lm_head): it makes the draft pass cost what the real one costs."""
+
+    def __init__(self, text_cfg, n_ctx_layers: int, n_layers: int = 2):
+        super().__init__()
+        h = text_cfg.hidden_size
+        self.fc = nn.Linear(n_ctx_layers * h, h, bias=False)
+        self.ctx_norm = RMSNorm(h, text_cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(text_cfg) for _ in range(n_layers))
+        self.norm = RMSNorm(h, text_cfg.rms_norm_eps)
+        pos = torch.arange(2 * DRAFT_BLOCK).expand(3, -1)  # positions 0..15, reset every pass (stateless)
+        cos, sin = mrope_cos_sin(pos, text_cfg.head_dim, 1_000_000.0, text_cfg.mrope_section)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, ctx: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """ctx [1, 8, n_ctx_layers*H] target states, block [1, 8, H] embeds -> hidden [1, 8, H]."""
+        c = self.ctx_norm(self.fc(ctx))
+        x = block
+        nb = block.shape[1]
+        for layer in self.layers:
+            a = layer.self_attn
+            q, k, v = a.project(torch.cat([c, layer.input_layernorm(x)], dim=1))
+            q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+            out = G.gqa_attention(q[:, :, -nb:], k, v, None)  # block rows, non-causal over ctx ‖ block
+            x = x + G._out_proj(a, out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+
+@torch.no_grad()
+def random_init_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights on the module's device (norm weights 1, everything else N(0, std))."""
+    dev = next(module.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    norm_params = {f"{n}.weight" if n else "weight" for n, m in module.named_modules()
+                   if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    for name, p in module.named_parameters():
+        if name in norm_params:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=g)
+
+
+def build_model(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """AlpamayoModel with random weights materialised directly on `device` (no CPU copy)."""
+    from ..engine.loader import _build_empty
+
+    model = _build_empty(cfg, dtype, torch.device(device))
+    random_init_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class _Graphs:
+    stages: dict[str, G.StageGraph] = field(default_factory=dict)
+
+
+class OursPipeline:
+    def __init__(self, shape: Shape, device, dtype: torch.dtype, seed: int = 0):
+        self.shape, self.device, self.dtype = shape, torch.device(device), dtype
+        cfg = self.cfg = shape.cfg
+        self.model = build_model(cfg, dtype, self.device, seed)
+        self.n_ctx_layers = dflash_context_layers(cfg.text.num_hidden_layers)
+        with torch.device(self.device):
+            self.drafter = DraftStandIn(cfg.text, len(self.n_ctx_layers)).to(dtype)
+        random_init_(self.drafter, seed + 1)
+        self.drafter.eval().requires_grad_(False)
+
+        w = self.w = make_workload(shape, self.device, dtype, seed)
+        ids_cpu = w.input_ids.cpu()
+        self.L = L = shape.prompt_len
+        self.max_len = _round_up(shape.max_len())
+        self.n_pref = _round_up(L)  # keys read by a prefill (slots >= L are masked)
+        pos, _ = rope_index(ids_cpu, w.image_grid_thw.cpu(), cfg.image_token_id, cfg.vision.spatial_merge_size)
+        self.cache = StaticKVCache.for_config(cfg.text, 1, self.max_len, extend_positions(pos, self.max_len),
+                                              dtype, self.device)
+        self.layout = StreamingLayout.from_ids(ids_cpu, cfg.vision_start_token_id, cfg.vision_end_token_id,
+                                               shape.n_views, shape.n_frames, prefix_len=shape.prefix_len)
+        dev = self.device
+        self.ids = w.input_ids
+        self.full_slots = torch.arange(L, device=dev)
+        self.vis_full = (w.input_ids == cfg.image_token_id)
+        self.q_slots = self.layout.streaming_query_slots().to(dev)
+        self.q_ids = w.input_ids[self.q_slots]
+        self.vis_q = self.q_ids == cfg.image_token_id
+        src, dst = self.layout.shift_indices("vision_only")
+        self.shift_src, self.shift_dst = src.to(dev), dst.to(dev)
+        self.stream_mask = self.layout.streaming_mask(self.max_len, dtype).to(dev)
+        # pixel patches of the newest frame of each view (images are view-major, frame-minor)
+        ppi = shape.patches_per_image
+        newest = [v * shape.n_frames + shape.n_frames - 1 for v in range(shape.n_views)]
+        self.pix_new = torch.cat([w.pixel_values[i * ppi:(i + 1) * ppi] for i in newest])
+        self.grid_new = w.image_grid_thw[newest]
+        self.banned = (cfg.traj_token_start_idx, cfg.special_token_start_idx)
+        self.n_dec = shape.decode_tokens
+        self.n_act = cfg.action_space.n_waypoints
+        self.noise = torch.randn(1, self.n_act, 2, device=dev, generator=torch.Generator(device=dev).manual_seed(seed))
+        self.ref_tokens: torch.Tensor | None = None  # the target's greedy continuation (scripted drafter)
+        self._fused = False
+        self._g: dict[str, G.StageGraph] = {}
+        self._vstatic: dict[int, G.VisionStatic] = {}
+
+    # ------------------------------------------------------------------ shared helpers
+    @property
+    def lm(self):
+        return self.model.language_model
+
+    def _embed(self, ids: torch.Tensor, img: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        x = self.lm.embed_tokens(ids)
+        x = x.masked_scatter(vis[:, None], img.to(x.dtype))
+        return x[None]
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        return G.greedy_token(self.model.vlm.lm_head(hidden), self.banned)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ eager stages (engine modules)
+    def encode_eager(self, streaming: bool):
+        pix, grid = (self.pix_new, self.grid_new) if streaming else (self.w.pixel_values, self.w.image_grid_thw)
+        f = self.model.encode_images(pix, grid)
+        return f.embeds, f.deepstack
+
+    def prefill_eager(self, streaming: bool, img, deep) -> torch.Tensor:
+        if streaming:
+            self.cache.shift(self.shift_src, self.shift_dst)
+            x = self._embed(self.q_ids, img, self.vis_q)
+            h, _ = self.lm(x, self.cache, self.q_slots, self.stream_mask[..., :self.L], self.L, self.vis_q, deep)
+        else:
+            x = self._embed(self.ids, img, self.vis_full)
+            h, _ = self.lm(x, self.cache, self.full_slots, causal_mask(self.full_slots, self.L).to(self.dtype),
+                           self.L, self.vis_full, deep)
+        return self._greedy(h[:, -1])
+
+    def decode_eager(self, tok: torch.Tensor) -> torch.Tensor:
+        toks = []
+        for i in range(self.n_dec):
+            cur = self.L + i
+            h, _ = self.lm(self.lm.embed_tokens(tok)[None], self.cache, torch.tensor([cur], device=self.device),
+                           None, cur + 1)
+            tok = self._greedy(h[:, -1])
+            toks.append(tok)
+        return torch.cat(toks)
+
+    def _script_block(self, tok: torch.Tensor, done: int) -> torch.Tensor:
+        """Verify block: [anchor, the target's own next 7 greedy tokens] (the scripted drafter)."""
+        ref = self.ref_tokens  # ref[0] = first token (from prefill), ref[i] = i-th decoded token
+        nxt = ref[done + 1:done + DRAFT_BLOCK]
+        if nxt.numel() < DRAFT_BLOCK - 1:
+            nxt = torch.cat([nxt, ref[-1:].expand(DRAFT_BLOCK - 1 - nxt.numel())])
+        return torch.cat([tok.view(1), nxt])
+
+    def verify_eager(self, tok: torch.Tensor, tau: float) -> tuple[int, int]:
+        """Verify passes with the scripted accept lengths; returns (passes, tokens matching the script)."""
+        done, cur, agree = 0, self.L, 0
+        sched = accept_schedule(self.n_dec, tau)
+        for a in sched:
+            block = self._script_block(tok, done)
+            slots = torch.arange(cur, cur + DRAFT_BLOCK, device=self.device)
+            h, cap = self.lm(self.lm.embed_tokens(block)[None], self.cache, slots,
+                             causal_mask(slots, cur + DRAFT_BLOCK).to(self.dtype), cur + DRAFT_BLOCK,
+                             capture_layers=self.n_ctx_layers)
+            post = self._greedy(h[0])
+            self._draft_eager(cap, post[a - 1:a])
+            agree += int((post[:a - 1] == block[1:a]).sum())  # host reads the acceptance, as DFlash must
+            tok = post[a - 1:a] if done + a < self.n_dec else tok
+            done += a
+            cur += a
+        return len(sched), agree
+
+    def _draft_eager(self, cap: dict, anchor: torch.Tensor) -> torch.Tensor:
+        ctx = torch.cat([cap[i] for i in self.n_ctx_layers], dim=-1)
+        blk = self.lm.embed_tokens(anchor.expand(DRAFT_BLOCK))[None]  # anchor + MASK stand-ins
+        h = self.drafter(ctx, blk)
+        return self._greedy(h[0, 1:])
+
+    def action_eager(self, schedule: FlowSchedule) -> torch.Tensor:
+        n_ctx = self.L + self.n_dec
+        positions = self.cache.positions[:, n_ctx:n_ctx + self.n_act]
+        m = self.model
+
+        def velocity(x, t):
+            return m.action_velocity(m.expert(m.action_in_proj(x, t), self.cache, n_ctx, positions))
+
+        return sample(velocity, self.noise, schedule)
+
+    # ------------------------------------------------------------------ graphed stages
+    def _ensure_fused(self) -> None:
+        if not self._fused:
+            G.fuse_projections(self.model)
+            G.fuse_projections(self.drafter)
+            self._fused = True
+
+    def _graph(self, name: str, build):
+        if name not in self._g:
+            self._ensure_fused()
+            self._g[name] = build()
+        return self._g[name]
+
+    def _encode_graph(self, streaming: bool) -> G.StageGraph:
+        def build():
+            pix, grid = (self.pix_new, self.grid_new) if streaming else (self.w.pixel_values, self.w.image_grid_thw)
+            st = G.vision_static(self.model.visual, grid)
+            tower = self.model.visual
+            return G.StageGraph(lambda pix: (lambda e, d: (e, *d))(*G.vision_forward(tower, pix, st)),
+                                {"pix": pix}, name="encode")
+        return self._graph(f"encode{int(streaming)}", build)
+
+    def _prefill_graph(self, streaming: bool) -> G.StageGraph:
+        enc = self._encode_graph(streaming)
+
+        def build():
+            cache, lm = self.cache, self.lm
+            if streaming:
+                ids, slots, vis = self.q_ids, self.q_slots, self.vis_q
+                mask = self.stream_mask[..., :self.n_pref].contiguous()
+            else:
+                ids, slots, vis = self.ids, self.full_slots, self.vis_full
+                mask = G.causal_slot_mask(slots, self.n_pref, self.dtype, limit=torch.tensor(self.L, device=self.device))
+            vis_idx = vis.nonzero().flatten()
+            mask = G.fold_mask(mask, lm.layers[0].self_attn.n_heads // lm.layers[0].self_attn.n_kv)
+            n_pref = self.n_pref
+
+            def fn(ids, emb, d0, d1, d2):
+                if streaming:  # the slot shift of the previous window, inside the graph
+                    G.cache_shift(cache, self.shift_src, self.shift_dst)
+                x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(self.dtype))[None]
+                h, _ = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
+                                    mask_folded=True)
+                return self._greedy(h[:, -1])
+
+            out = enc.outputs if enc.outputs is not None else enc()
+            ds = list(out[1:])
+            pad = [ds[0]] * (3 - len(ds))
+            return G.StageGraph(fn, {"ids": ids, "emb": out[0], "d0": (ds + pad)[0], "d1": (ds + pad)[1],
+                                            "d2": (ds + pad)[2]}, shared=("emb", "d0", "d1", "d2"), name="prefill")
+        return self._graph(f"prefill{int(streaming)}", build)
+
+    def _decode_graph(self) -> G.StageGraph:
+        def build():
+            lm, cache, n = self.lm, self.cache, self.max_len
+            dev = self.device
+
+            def fn(tok, cur, out, step):
+                x = lm.embed_tokens(tok)[None]
+                h, _ = G.lm_forward(lm, x, cache, cur, G.causal_slot_mask(cur, n, self.dtype), n)
+                nxt = self._greedy(h[:, -1])
+                out.index_copy_(0, step, nxt)
+                tok.copy_(nxt)
+                cur.add_(1)
+                step.add_(1)
+                return nxt
+
+            z = torch.zeros(1, dtype=torch.long, device=dev)
+            sg = G.StageGraph(fn, {"tok": z, "cur": z + self.L, "out": torch.zeros(self.n_dec, dtype=torch.long, device=dev),
+                                   "step": z.clone()}, name="decode")
+            return sg
+        return self._graph("decode", build)
+
+    def _verify_graph(self) -> G.StageGraph:
+        def build():
+            lm, cache, n = self.lm, self.cache, self.max_len
+            ar = torch.arange(DRAFT_BLOCK, device=self.device)
+            layers = self.n_ctx_layers
+
+            def fn(block, start):
+                slots = start + ar
+                h, cap = G.lm_forward(lm, lm.embed_tokens(block)[None], cache, slots,
+                                      G.causal_slot_mask(slots, n, self.dtype), n, capture_layers=layers)
+                return self._greedy(h[0]), torch.cat([cap[i] for i in layers], dim=-1)
+
+            z = torch.zeros(1, dtype=torch.long, device=self.device)
+            return G.StageGraph(fn, {"block": torch.zeros(DRAFT_BLOCK, dtype=torch.long, device=self.device),
+                                     "start": z + self.L}, name="verify")
+        return self._graph("verify", build)
+
+    def _draft_graph(self) -> G.StageGraph:
+        ver = self._verify_graph()
+
+        def build():
+            def fn(ctx, anchor):
+                blk = self.lm.embed_tokens(anchor.expand(DRAFT_BLOCK))[None]
+                return self._greedy(self.drafter(ctx, blk)[0, 1:])
+
+            ctx = ver.outputs[1] if ver.outputs is not None else ver()[1]
+            return G.StageGraph(fn, {"ctx": ctx, "anchor": torch.zeros(1, dtype=torch.long, device=self.device)},
+                                shared=("ctx",), name="draft")
+        return self._graph("draft", build)
+
+    def _action_graph(self, flow: str) -> G.StageGraph:
+        def build():
+            m, cache, n = self.model, self.cache, self.max_len
+            sched = FlowSchedule.from_name(flow)
+            ar = torch.arange(self.n_act, device=self.device)
+
+            def fn(noise, n_ctx):
+                act_slots = n_ctx + ar
+                mask = G.action_mask(n_ctx, act_slots, n, self.dtype)
+
+                def velocity(x, t):
+                    h = G.expert_forward(m.expert, m.action_in_proj(x, t), cache, act_slots, mask, n)
+                    return m.action_velocity(h)
+
+                return sample(velocity, noise, sched)
+
+            return G.StageGraph(fn, {"noise": self.noise, "n_ctx": torch.tensor(self.L + self.n_dec, device=self.device)},
+                                name="action")
+        return self._graph(f"action_{flow}", build)
+
+    # ------------------------------------------------------------------ one window
+    @torch.no_grad()
+    def full_prefill_window(self) -> None:
+        """Window 0 of a stream (or any non-streaming window): fill every prompt slot."""
+        img, deep = self.encode_eager(False)
+        self.prefill_eager(False, img, deep)
+
+    @torch.no_grad()
+    def reference_tokens(self) -> torch.Tensor:
+        """The target's greedy continuation after a full prefill (what the scripted drafter proposes)."""
+        img, deep = self.encode_eager(False)
+        tok = self.prefill_eager(False, img, deep)
+        rest = self.decode_eager(tok)
+        self.ref_tokens = torch.cat([tok, rest])
+        return self.ref_tokens
+
+    @torch.no_grad()
+    def step(self, mode: Mode, clock: Clock) -> dict[str, float]:
+        info: dict[str, float] = {}
+        t0 = clock.mark()
+        if mode.graphs:
+            enc = self._encode_graph(mode.streaming)
+            enc()
+            t1 = clock.mark()
+            tok = self._prefill_graph(mode.streaming)()
+            t2 = clock.mark()
+            if mode.tau is None:
+                dec = self._decode_graph()
+                dec.buffers["tok"].copy_(tok)
+                dec.buffers["cur"].fill_(self.L)
+                dec.buffers["step"].zero_()
+                for _ in range(self.n_dec):
+                    dec()
+                passes = self.n_dec
+            else:
+                passes, agree = self._verify_graphed(tok, mode.tau)
+                info["script_agree"] = agree
+            t3 = clock.mark()
+            x = self._action_graph(mode.flow)()
+            t4 = clock.mark()
+        else:
+            img, deep = self.encode_eager(mode.streaming)
+            t1 = clock.mark()
+            tok = self.prefill_eager(mode.streaming, img, deep)
+            t2 = clock.mark()
+            if mode.tau is None:
+                self.decode_eager(tok)
+                passes = self.n_dec
+            else:
+                passes, agree = self.verify_eager(tok, mode.tau)
+                info["script_agree"] = agree
+            t3 = clock.mark()
+            x = self.action_eager(FlowSchedule.from_name(mode.flow))
+            t4 = clock.mark()
+        clock.sync()
+        self.last_action = x
+        res = {"encode": clock.ms(t0, t1), "prefill": clock.ms(t1, t2), "decode": clock.ms(t2, t3),
+               "action": clock.ms(t3, t4), "total": clock.ms(t0, t4)}
+        res["decode_passes"] = float(passes)
+        res.update(info)
+        return res
+
+    def _verify_graphed(self, tok: torch.Tensor, tau: float) -> tuple[int, int]:
+        ver, dra = self._verify_graph(), self._draft_graph()
+        done, cur, agree = 0, self.L, 0
+        sched = accept_schedule(self.n_dec, tau)
+        for a in sched:
+            post, _ = ver(block=self._script_block(tok, done), start=torch.tensor([cur], device=self.device))
+            dra(anchor=post[a - 1:a])
+            agree += int((post[:a - 1] == ver.buffers["block"][1:a]).sum())  # host reads acceptance
+            tok = post[a - 1:a].clone()
+            done += a
+            cur += a
+        return len(sched), agree
