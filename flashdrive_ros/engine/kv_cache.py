@@ -54,6 +54,10 @@ class StaticKVCache:
         return self.cos[slots], self.sin[slots]
 
     # ---- writes -------------------------------------------------------------------------------
+    def check_slots(self, slots: torch.Tensor, what: str = "slots") -> torch.Tensor:
+        """Validate a slot index tensor (1-D integer, in range); returns it as long on the cache device."""
+        return self._check_slots(slots, what)
+
     def _check_slots(self, slots: torch.Tensor, what: str) -> torch.Tensor:
         if slots.dim() != 1 or slots.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"{what} must be a 1-D integer tensor, got {slots.dtype} shape {tuple(slots.shape)}")
@@ -61,11 +65,14 @@ class StaticKVCache:
             raise IndexError(f"{what} out of range [0, {self.max_len}): min {int(slots.min())}, max {int(slots.max())}")
         return slots.to(self.device, torch.long)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store pre-RoPE keys and values [B|1, n_kv_heads, Q, head_dim] at `slots` [Q] of one layer."""
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, check: bool = True) -> None:
+        """Store pre-RoPE keys and values [B|1, n_kv_heads, Q, head_dim] at `slots` [Q] of one layer.
+        check=False skips the slot range check (a device sync); callers that validated the slots
+        once per forward use it for the per-layer writes."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
-        slots = self._check_slots(slots, "slots")
+        if check:
+            slots = self._check_slots(slots, "slots")
         expected = (self.n_kv_heads, slots.numel(), self.head_dim)
         for name, x in (("k", k), ("v", v)):
             if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] not in (1, self.batch):

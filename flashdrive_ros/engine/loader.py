@@ -209,6 +209,8 @@ def save_model(model: AlpamayoModel, directory: str | Path, cfg: AlpamayoConfig 
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(directory / INDEX_FILE, "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for f in directory.glob("model*.safetensors"):
+        f.chmod(0o644)  # safetensors writes 0600; checkpoints are meant to be shared/shipped
     if tokenizer_dir is not None:
         src = Path(tokenizer_dir)
         copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]

@@ -115,7 +115,7 @@ class TextModel(nn.Module):
         """
         b, q_len, h = inputs_embeds.shape
         self._check_inputs(inputs_embeds, cache, slots, attn_mask, n, visual_pos_mask, deepstack, capture_layers)
-        slots = slots.to(cache.device, torch.long)
+        slots = cache.check_slots(slots)  # once per forward: the per-layer writes skip it
         cos, sin = cache.cos_sin(slots)
         if attn_mask is not None:
             attn_mask = attn_mask.to(inputs_embeds.dtype)
@@ -124,7 +124,7 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             def attention(normed: torch.Tensor, i: int = i, attn=layer.self_attn) -> torch.Tensor:
                 q, k, v = attn.project(normed)
-                cache.write(i, slots, k, v)
+                cache.write(i, slots, k, v, check=False)
                 keys = cache.rotated_keys(i, n).expand(b, -1, -1, -1)
                 values = cache.values(i, n).expand(b, -1, -1, -1)
                 return attn.attend(apply_rotary(q, cos, sin), keys, values, attn_mask)
