@@ -1,7 +1,7 @@
 """Camera frames -> Qwen3-VL vision patches (alpamayo.md §3), in torch so it can run on the GPU.
 
 Per image: smart resize to multiples of patch*merge (32) inside [min_pixels, max_pixels], bicubic
-with antialias, rounded back to uint8 levels (the reference resizes uint8 images), rescale 1/255,
+with antialias on uint8 levels (the reference resizes uint8 images), rescale 1/255,
 normalize with mean = std = 0.5, duplicate the still image in time (temporal patch 2), and cut into
 16x16 patches listed in 2x2 merge-block order. Each row is C x T x p x p = 1536 values.
 
@@ -78,6 +78,25 @@ def _as_batch(images) -> torch.Tensor:
     return images
 
 
+def _resize_uint8_levels(x: torch.Tensor, h: int, w: int, native_uint8: bool | None = None) -> torch.Tensor:
+    """Bicubic + antialias resize of uint8 [N, C, H, W] -> float32 holding uint8 levels.
+
+    The reference resizes uint8 images, so the result is rounded to integer levels. On CPU torch
+    has a native uint8 kernel (channels-last): ~10x faster than float and within one level of PIL.
+    Elsewhere (CUDA) it is float bicubic, then clamp and round (within a few levels of PIL).
+    native_uint8: force the choice (default: native on CPU only).
+    """
+    if (h, w) == tuple(x.shape[-2:]):
+        return x.to(torch.float32)
+    if native_uint8 is None:
+        native_uint8 = x.device.type == "cpu"
+    if native_uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).to(torch.float32)
+    x = F.interpolate(x.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0, 255).round()
+
+
 def preprocess_images(images, min_pixels: int, max_pixels: int, patch_size: int = 16,
                       temporal_patch_size: int = 2, merge_size: int = 2,
                       mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -103,11 +122,7 @@ def preprocess_images(images, min_pixels: int, max_pixels: int, patch_size: int 
     n, height, width, channels = batch.shape
     h, w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
 
-    # Resize in float32, then round/clamp to uint8 levels as a uint8 resize would.
-    x = batch.permute(0, 3, 1, 2).to(torch.float32)
-    if (h, w) != (height, width):
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0, 255).round()
+    x = _resize_uint8_levels(batch.permute(0, 3, 1, 2), h, w)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     x = (x * (1.0 / 255.0) - mean_t) / std_t
