@@ -70,3 +70,17 @@ def test_bad_arguments_are_named():
         choose_next_token(torch.zeros(1, 20), TRAJ, NTRAJ, -1.0)
     with pytest.raises(ValueError, match="exceed vocab"):
         choose_next_token(torch.zeros(1, 12), TRAJ, NTRAJ)
+
+
+@pytest.mark.parametrize("top_p, scale", [(0.98, 1.0), (0.5, 1.0), (0.98, 8.0), (0.9, 0.1), (1.0, 1.0)])
+def test_fast_nucleus_is_the_top_p_filter_set(top_p, scale):
+    from flashdrive_ros.engine.sampling import nucleus
+
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)) * scale
+    vals, ids, keep = nucleus(logits.softmax(-1), top_p)
+    for row in range(3):
+        fast = set(ids[row][keep[row]].tolist())
+        reference = set(torch.nonzero(torch.isfinite(top_p_filter(logits[row:row + 1], top_p)[0])).flatten().tolist())
+        # Floating-point cumsum order may move the single boundary token; nothing else differs.
+        assert len(fast ^ reference) <= 1
+        assert len(fast) > 0

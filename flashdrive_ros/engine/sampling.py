@@ -8,6 +8,7 @@ nucleus is computed on the unmasked distribution and the mask is applied afterwa
 Public API
 ----------
 top_p_filter(logits [B, V], top_p) -> logits with the tail outside the nucleus set to -inf
+nucleus(probs [B, V], top_p) -> (p, ids, keep) candidates of the nucleus (fast path used for sampling)
 choose_next_token(logits [B, V], traj_start, traj_vocab_size=4000, temperature=0.0, top_p=1.0,
                   generator=None) -> LongTensor [B]
 """
@@ -41,6 +42,27 @@ def _mask_trajectory(logits: torch.Tensor, traj_start: int, traj_vocab_size: int
     return masked
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-p nucleus without sorting the whole vocabulary.
+
+    probs [B, V] -> (p [B, k], ids [B, k], keep [B, k] bool), candidates in descending probability.
+    A token is kept iff the mass of the more likely tokens is < top_p (the most likely always is);
+    this is the same set as top_p_filter. Candidates come from topk, grown until their mass reaches
+    top_p, so a peaked distribution costs a topk of a few hundred instead of a full sort.
+    """
+    vocab = probs.shape[-1]
+    k = min(vocab, 256)
+    while True:
+        vals, ids = probs.topk(k, dim=-1)
+        if k == vocab or bool((vals.sum(dim=-1) >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    before = vals.cumsum(dim=-1) - vals
+    keep = before < top_p
+    keep[..., 0] = True
+    return vals, ids, keep
+
+
 def choose_next_token(logits: torch.Tensor, traj_start: int, traj_vocab_size: int = 4000,
                       temperature: float = 0.0, top_p: float = 1.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -55,15 +77,27 @@ def choose_next_token(logits: torch.Tensor, traj_start: int, traj_vocab_size: in
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    traj_end = traj_start + traj_vocab_size
+    if traj_start < 0 or traj_end > logits.shape[-1]:
+        raise ValueError(f"trajectory ids [{traj_start}, {traj_end}) exceed vocab {logits.shape[-1]}")
     logits = logits.float()
     if temperature == 0.0:
         return _mask_trajectory(logits, traj_start, traj_vocab_size).argmax(dim=-1)
 
-    warped = top_p_filter(logits / temperature, top_p)
-    masked = _mask_trajectory(warped, traj_start, traj_vocab_size)
-    empty = torch.isinf(masked).all(dim=-1)
+    probs = (logits / temperature).softmax(dim=-1)
+    vals, ids, keep = nucleus(probs, top_p)
+    # The trajectory mask comes after top-p: masked candidates leave the nucleus, which is not refilled.
+    keep &= (ids < traj_start) | (ids >= traj_end)
+    weights = torch.where(keep, vals, torch.zeros_like(vals))
+    empty = ~keep.any(dim=-1)
     if bool(empty.any()):
-        fallback = _mask_trajectory(logits, traj_start, traj_vocab_size)
-        masked = torch.where(empty[:, None], fallback, masked)
-    probs = masked.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        fallback = _mask_trajectory(logits, traj_start, traj_vocab_size).argmax(dim=-1)
+        weights[empty] = 0.0
+        weights[empty, 0] = 1.0
+        ids = ids.clone()
+        ids[empty, 0] = fallback[empty]
+    # Sampling among the candidates in proportion to p equals sampling softmax of the masked logits.
+    choice = torch.multinomial(weights, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)
