@@ -173,7 +173,7 @@ def build_scene(scenario: str, seed: int, duration_s: float) -> Scene:
     s_stop = None
     ego_s0 = 0.0
     if scenario in ("red_stop", "green_go"):
-        s_stop = v_set * S * 0.45 + EGO_FRONT if scenario == "red_stop" else 25.0
+        s_stop = v_set * S * 0.35 + EGO_FRONT if scenario == "red_stop" else 25.0
         if scenario == "green_go":
             ego_s0 = s_stop - EGO_FRONT - STOP_GAP
             ego_v0 = 0.0
@@ -279,7 +279,7 @@ def build_scene(scenario: str, seed: int, duration_s: float) -> Scene:
             gap = light.s_stop - (s + EGO_FRONT)
             if gap <= v * v / (2 * 1.6) + 8.0:
                 t_y = ti
-                red_until = t_y + 2.5 + v / 1.5 + S * float(rng.uniform(0.15, 0.25))
+                red_until = t_y + 2.5 + v / 1.5 + S * float(rng.uniform(0.1, 0.15))
                 light.state[(t >= t_y) & (t < t_y + 2.5)] = YELLOW
                 light.state[(t >= t_y + 2.5) & (t < red_until)] = RED
 
