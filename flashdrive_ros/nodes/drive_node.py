@@ -89,6 +89,7 @@ class DriveNode(Node):
                                time_jump_us=us(p.time_jump_ms), gap_us=us(p.reset_gap_ms))
         self.odom = OdometryBuffer(max_staleness_us=us(p.odom_max_staleness_ms), time_jump_us=us(p.time_jump_ms))
         self._pending: Optional[Window] = None
+        self.last_done_t0: Optional[int] = None
         self._reset_reasons: list[str] = []
         self._stop = False
         self._decoded: OrderedDict = OrderedDict()   # (cam, stamp) -> RGB, frames recur in 4 windows
@@ -96,7 +97,8 @@ class DriveNode(Node):
         self.engine = None
         self.model_state = "loading"                 # loading | loaded | failed
         self.stats = dict(windows=0, published=0, dropped=0, superseded=0, rejected=0, engine_errors=0,
-                          resets=0, out_of_order=0, odom_rejected=0, stale=0)
+                          resets=0, out_of_order=0, odom_rejected=0, stale=0,
+                          padded_frames=0, bad_frames_repeated=0)
         self.last_latency_ms = float("nan")
         self.last_error = ""
         self.last_error_t0 = 0
@@ -188,7 +190,16 @@ class DriveNode(Node):
                     return
                 win, self._pending = self._pending, None
                 reasons, self._reset_reasons = self._reset_reasons, []
-            prev_t0 = self._process(win, reasons, prev_t0)
+            try:
+                prev_t0 = self._process(win, reasons, prev_t0)
+            except Exception as e:  # a bug in the node's own code must not kill the worker either
+                with self._lock:
+                    self._problem(ERROR, f"internal error on t0={win.t0_us} us: {type(e).__name__}: {e}",
+                                  win.t0_us, "internal")
+                    self._request_reset("internal_error")
+                prev_t0 = None
+            with self._lock:
+                self.last_done_t0 = win.t0_us   # lets tests and tools wait for a given window
 
     def _load_engine(self) -> bool:
         p = self.params
@@ -219,6 +230,7 @@ class DriveNode(Node):
         try:
             self._check_age(t0)
             frames = self._frames(win)
+            self.stats["padded_frames"] += sum(win.padded.values())
             with self._lock:
                 hist_xyz, hist_rot = self.odom.history(t0)
         except (InputRejected, ImageDecodeError, EgoHistoryError) as e:
@@ -251,7 +263,7 @@ class DriveNode(Node):
                 self.stats["engine_errors"] += 1
                 self._problem(ERROR, f"engine failed on t0={t0} us: {type(e).__name__}: {e}", t0, "engine")
                 self._request_reset("engine_error")  # its state may be half-updated
-            self.get_logger().debug(traceback.format_exc())
+            self._log("engine_tb", traceback.format_exc(), ERROR)
             return None
         for pub, msg in zip((self.pub_traj, self.pub_path, self.pub_markers, self.pub_reasoning,
                              self.pub_latency), msgs):
@@ -289,18 +301,31 @@ class DriveNode(Node):
             raise InputRejected(f"no frame within {p.sync_tolerance_ms:.0f} ms for {names} "
                                 f"(missing_camera_policy={p.missing_camera_policy})")
         hw = (p.image_height, p.image_width) if p.image_width and p.image_height else None
-        if hw is None:  # the anchor camera's newest frame defines the size of this window
-            hw = self._decode(p.anchor_camera, win.stamps_us[p.anchor_camera][-1],
-                              win.frames[p.anchor_camera][-1], None).shape[:2]
-        out = np.zeros((4, len(win.frames[0]), hw[0], hw[1], 3), dtype=np.uint8)
+        a = p.anchor_camera
+        if hw is None and win.frames[a][-1] is not None:  # the anchor's t0 frame sets this window's size
+            try:
+                hw = self._decode(a, win.stamps_us[a][-1], win.frames[a][-1], None).shape[:2]
+            except ImageDecodeError as e:
+                raise ImageDecodeError(f"{CAMERA_NAMES[a]} frame at {win.stamps_us[a][-1]} us: {e}") from e
+        if hw is None:
+            raise InputRejected("image size unknown: set image_width/image_height with the 'black' policy")
+        n = len(win.frames[0])
+        out = np.zeros((4, n, hw[0], hw[1], 3), dtype=np.uint8)
         for c, cam_frames in enumerate(win.frames):
-            for k, msg in enumerate(cam_frames):
+            for k in range(n - 1, -1, -1):  # newest first, so a bad older frame can repeat a newer one
+                msg = cam_frames[k]
                 if msg is None:       # 'black' policy: leave zeros
                     continue
                 try:
                     out[c, k] = self._decode(c, win.stamps_us[c][k], msg, hw)
                 except ImageDecodeError as e:
-                    raise ImageDecodeError(f"{CAMERA_NAMES[c]} frame at {win.stamps_us[c][k]} us: {e}") from e
+                    where = f"{CAMERA_NAMES[c]} frame at {win.stamps_us[c][k]} us: {e}"
+                    if k == n - 1:    # the t0 frame itself is unusable: skip the window
+                        raise ImageDecodeError(where) from e
+                    out[c, k] = out[c, k + 1]
+                    with self._lock:
+                        self.stats["bad_frames_repeated"] += 1
+                        self._problem(WARN, f"{where} (repeating the next newer frame)", win.t0_us, "frame")
         return out
 
     def _decode(self, cam: int, stamp: int, msg, hw) -> np.ndarray:
@@ -334,7 +359,13 @@ class DriveNode(Node):
             return
         self._last_log[kind] = now
         log = self.get_logger()
-        (log.error if level == ERROR else log.warning if level == WARN else log.info)(text)
+        # rclpy binds one severity to each call site, hence one call per level
+        if level == ERROR:
+            log.error(text)
+        elif level == WARN:
+            log.warning(text)
+        else:
+            log.info(text)
 
     def diagnostics_status(self) -> DiagnosticStatus:
         p = self.params
@@ -352,6 +383,7 @@ class DriveNode(Node):
             "superseded_windows": s["superseded"], "rejected_windows": s["rejected"],
             "engine_errors": s["engine_errors"], "out_of_order_frames": s["out_of_order"],
             "odometry_rejected": s["odom_rejected"], "stale_windows": s["stale"], "resets": s["resets"],
+            "padded_frames": s["padded_frames"], "bad_frames_repeated": s["bad_frames_repeated"],
             "last_reset_reason": self.last_reset_reason, "last_error": self.last_error,
             "last_error_t0_us": self.last_error_t0,
         }
