@@ -6,7 +6,7 @@
     window = reader.read_window(reader.clip_ids()[0], 5_100_000)
 """
 from .camera import ALPAMAYO_CAMERA_INDEX, CAMERA_NAMES
-from .generate import synthetic_dataset
+from .synthetic import synthetic_dataset
 from .labels import TEMPLATES as COC_TEMPLATES
 from .reader import DatasetFileError, Window, WindowReader, enable_offline_mode, open_dataset
 from .scenario import SCENARIO_TYPES

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import pathlib
 import time
@@ -120,6 +121,8 @@ def write_dataset(out_dir, n_clips: int, seconds: float, width: int, height: int
     """Generate and write `n_clips` clips; returns (cache_dir, revision) for the devkit/reader."""
     if n_clips < 1:
         raise ValueError(f"n_clips must be >= 1, got {n_clips}")
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise ValueError(f"width and height must be even and >= 16 (yuv420p video), got {width}x{height}")
     if seconds < 8.1:
         raise ValueError(f"clips must be longer than 8.1 s to hold one window (1.6 s history + 6.4 s future), got {seconds}")
     cache_dir = pathlib.Path(out_dir)
@@ -158,15 +161,15 @@ def write_dataset(out_dir, n_clips: int, seconds: float, width: int, height: int
                 for t_us in stamps:
                     video.add(renderer.render(scene, int(t_us), scene_boxes(scene, int(t_us))))
                 zf = chunk_zip(cam, plan.chunk)
-                zf.writestr(member(cam, "video", plan.clip_id), video.finish())
-                zf.writestr(member(cam, "frame_timestamps", plan.clip_id),
+                _add_member(zf, member(cam, "video", plan.clip_id), video.finish())
+                _add_member(zf, member(cam, "frame_timestamps", plan.clip_id),
                             _parquet_bytes(pd.DataFrame({"timestamp": stamps})))
                 intrinsics.append(dict(clip_id=plan.clip_id, camera_name=cam, **rig[cam].intrinsics.to_row()))
                 q, p = rig[cam].quaternion, rig[cam].translation
                 extrinsics.append(dict(clip_id=plan.clip_id, sensor_name=cam, qx=q[0], qy=q[1], qz=q[2], qw=q[3],
                                        x=np.float32(p[0]), y=np.float32(p[1]), z=np.float32(p[2])))
-            chunk_zip("egomotion", plan.chunk).writestr(member("egomotion", "egomotion", plan.clip_id),
-                                                        _parquet_bytes(egomotion_table(scene)))
+            _add_member(chunk_zip("egomotion", plan.chunk), member("egomotion", "egomotion", plan.clip_id),
+                        _parquet_bytes(egomotion_table(scene)))
             dims.append(dict(clip_id=plan.clip_id, **sc.EGO_DIMENSIONS))
             collection.append(dict(clip_id=plan.clip_id, country="synthetic", hour_of_day=12,
                                    platform_class="synthetic_hyperion_8.1", scenario=plan.scenario, seed=plan.seed))
@@ -204,9 +207,12 @@ def _write_labels(root: pathlib.Path, clip_id: str, scene: sc.Scene) -> None:
     pd.DataFrame(rows, columns=["t0_us", "cause", "action", "coc"]).to_parquet(path, index=False)
 
 
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    import io
+def _add_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """Store a member with a fixed date, so archives are byte-identical across runs."""
+    zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
