@@ -313,10 +313,9 @@ class OursPipeline:
                 return self._greedy(h[:, -1])
 
             out = enc.outputs if enc.outputs is not None else enc()
-            ds = list(out[1:])
-            pad = [ds[0]] * (3 - len(ds))
-            return G.StageGraph(fn, {"ids": ids, "emb": out[0], "d0": (ds + pad)[0], "d1": (ds + pad)[1],
-                                            "d2": (ds + pad)[2]}, shared=("emb", "d0", "d1", "d2"), name="prefill")
+            ds = out[1:]
+            return G.StageGraph(fn, {"ids": ids, **_prefill_inputs(out)}, shared=("emb", "d0", "d1", "d2"),
+                                name="prefill")
         return self._graph(f"prefill{int(streaming)}", build)
 
     def _decode_graph(self) -> G.StageGraph:
@@ -411,10 +410,10 @@ class OursPipeline:
         info: dict[str, float] = {}
         t0 = clock.mark()
         if mode.graphs:
-            enc = self._encode_graph(mode.streaming)
-            enc()
+            eo = self._encode_graph(mode.streaming)()
             t1 = clock.mark()
-            tok = self._prefill_graph(mode.streaming)()
+            # graph mode: these are the prefill graph's own (shared) buffers, so nothing is copied
+            tok = self._prefill_graph(mode.streaming)(**_prefill_inputs(eo))
             t2 = clock.mark()
             if mode.tau is None:
                 dec = self._decode_graph()
@@ -424,6 +423,7 @@ class OursPipeline:
                 for _ in range(self.n_dec):
                     dec()
                 passes = self.n_dec
+                self.last_tokens = dec.buffers["out"].clone()
             else:
                 passes, agree = self._verify_graphed(tok, mode.tau)
                 info["script_agree"] = agree
@@ -436,7 +436,7 @@ class OursPipeline:
             tok = self.prefill_eager(mode.streaming, img, deep)
             t2 = clock.mark()
             if mode.tau is None:
-                self.decode_eager(tok)
+                self.last_tokens = self.decode_eager(tok)
                 passes = self.n_dec
             else:
                 passes, agree = self.verify_eager(tok, mode.tau)
@@ -457,10 +457,18 @@ class OursPipeline:
         done, cur, agree = 0, self.L, 0
         sched = accept_schedule(self.n_dec, tau)
         for a in sched:
-            post, _ = ver(block=self._script_block(tok, done), start=torch.tensor([cur], device=self.device))
-            dra(anchor=post[a - 1:a])
+            post, ctx = ver(block=self._script_block(tok, done), start=torch.tensor([cur], device=self.device))
+            dra(ctx=ctx, anchor=post[a - 1:a])
             agree += int((post[:a - 1] == ver.buffers["block"][1:a]).sum())  # host reads acceptance
             tok = post[a - 1:a].clone()
             done += a
             cur += a
         return len(sched), agree
+
+
+def _prefill_inputs(enc_out) -> dict[str, torch.Tensor]:
+    """Encode stage outputs (embeds, *deepstack) -> the prefill stage's inputs (3 deepstack slots;
+    a config with fewer levels repeats the first, and the prefill body ignores the extras)."""
+    ds = list(enc_out[1:])
+    ds = ds + [ds[0]] * (3 - len(ds))
+    return {"emb": enc_out[0], "d0": ds[0], "d1": ds[1], "d2": ds[2]}

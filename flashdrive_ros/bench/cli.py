@@ -1,0 +1,177 @@
+"""`python -m flashdrive_ros.bench --shape tiny|full --steps N --out DIR` (console script: flashdrive-bench).
+
+Builds the stock transformers pipeline and our pipeline at the named shape with random weights
+created on the device, warms each row up, times every stage with CUDA events (perf_counter on the
+CPU) over N steps and writes DIR/bench.json and DIR/bench.md (median and p90 per stage, GPU name,
+torch / transformers versions, decoded-token count, the roofline floors). Rows run one after the
+other in one process: stock first (then freed), then our modes on one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import roofline
+from .ours import Mode, OursPipeline
+from .shapes import ACCEPT_LENGTHS, SHAPES, get_shape, make_workload
+from .stock import StockPipeline
+from .timing import Clock, summarize
+
+STAGES = ("encode", "prefill", "decode", "action", "total")
+
+
+def our_rows() -> list[tuple[str, Mode]]:
+    rows = [("ours: baseline", Mode()), ("ours: streaming", Mode(streaming=True))]
+    rows += [(f"ours: spec τ={t:g} (scripted drafter)", Mode(tau=t)) for t in ACCEPT_LENGTHS]
+    rows += [("ours: adaptive flow", Mode(flow="adaptive")), ("ours: graphs+fusion", Mode(graphs=True))]
+    rows += [(f"ours: all (τ={t:g})", Mode(streaming=True, tau=t, flow="adaptive", graphs=True)) for t in ACCEPT_LENGTHS]
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": str(device), "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   sm_count=p.multi_processor_count)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["gpu"] = None
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def _time_rows(name: str, step, steps: int, warmup: int, log) -> dict:
+    for _ in range(warmup):
+        step()
+    per = [step() for _ in range(steps)]
+    stats = summarize([{s: r[s] for s in STAGES} for r in per])
+    extra = {k: per[-1][k] for k in per[-1] if k not in STAGES}
+    log(f"{name:<44} " + "  ".join(f"{s} {stats[s]['median']:8.2f}" for s in STAGES))
+    return {"name": name, "stats": stats, **extra}
+
+
+def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
+        rows: list[str] | None, log=print) -> dict:
+    shape = get_shape(shape_name)
+    clock = Clock(device)
+    result = {"shape": shape_name, "env": environment(device), "dtype": str(dtype).replace("torch.", ""),
+              "weights": "random (timing only)", "steps": steps, "warmup": warmup,
+              "workload": {"prompt_tokens": shape.prompt_len, "images": shape.n_images,
+                           "image_tokens_each": shape.tokens_per_image, "decoded_tokens": shape.decode_tokens,
+                           "streaming_query_tokens": shape.streaming_query_len, "samples": 1},
+              "rows": [], "checks": {}}
+    want = (lambda n: rows is None or any(r in n for r in rows))
+    t_start = time.time()
+
+    if want("stock"):
+        stock = StockPipeline(shape, device, dtype)
+        result["params_stock"] = stock.parameter_count()
+        w = make_workload(shape, device, dtype)
+        result["rows"].append(_time_rows("stock transformers (eager, DynamicCache)", lambda: stock.step(w, clock),
+                                         steps, warmup, log))
+        del stock, w
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ours = OursPipeline(shape, device, dtype)
+    result["params_ours"] = ours.parameter_count()
+    ours.reference_tokens()
+    # eager vs graphed on the same cache state: a device-side check of the fast path
+    ours.full_prefill_window()
+    ours.step(Mode(), clock)
+    eager_x, eager_tok = ours.last_action.clone(), ours.last_tokens.clone()
+    ours.full_prefill_window()
+    ours.step(Mode(graphs=True), clock)
+    graph_x, graph_tok = ours.last_action, ours.last_tokens
+    result["checks"]["graph_vs_eager_action_rel_diff"] = float((graph_x - eager_x).norm() / eager_x.norm())
+    result["checks"]["graph_vs_eager_tokens_equal"] = int((graph_tok == eager_tok).sum())
+    result["checks"]["tokens_compared"] = int(eager_tok.numel())
+    for name, mode in our_rows():
+        if not want(name):
+            continue
+        if mode.streaming:
+            ours.full_prefill_window()  # window 0 of the stream fills every slot
+        row = _time_rows(name, lambda: ours.step(mode, clock), steps, warmup, log)
+        row["mode"] = mode.label()
+        result["rows"].append(row)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    result["wall_s"] = round(time.time() - t_start, 1)
+    stock_total = next((r["stats"]["total"]["median"] for r in result["rows"] if r["name"].startswith("stock")), None)
+    for r in result["rows"]:
+        if stock_total:
+            r["speedup_vs_stock"] = stock_total / r["stats"]["total"]["median"]
+    result["roofline"] = roofline.floors(shape)
+    return result
+
+
+def to_markdown(res: dict) -> str:
+    env = res["env"]
+    wl = res["workload"]
+    lines = [f"Shape **{res['shape']}**, {res['dtype']}, {res['weights']}; device: {env.get('gpu') or env.get('cpu')}; "
+             f"torch {env['torch']}, transformers {env['transformers']}, CUDA {env.get('cuda')}, "
+             f"triton {env.get('triton', '–')}, Python {env['python']}.",
+             f"Window: {wl['prompt_tokens']}-token prompt with {wl['images']} images × {wl['image_tokens_each']} "
+             f"tokens; streaming query {wl['streaming_query_tokens']} tokens; **{wl['decoded_tokens']} decoded tokens**; "
+             f"{wl['samples']} trajectory. Median (p90) ms over {res['steps']} steps after {res['warmup']} warm-up steps.",
+             "",
+             "| row | encode | prefill | decode | action | total | decode passes | × vs stock |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        s = r["stats"]
+        cells = [f"{s[k]['median']:.1f} ({s[k]['p90']:.1f})" for k in STAGES]
+        passes = f"{r['decode_passes']:g}" if "decode_passes" in r else f"{wl['decoded_tokens']}"
+        sp = f"{r['speedup_vs_stock']:.1f}×" if "speedup_vs_stock" in r else "–"
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {passes} | {sp} |")
+    c = res.get("checks", {})
+    if c:
+        lines += ["", f"Graph vs eager on the same cache: action relative difference "
+                      f"{c['graph_vs_eager_action_rel_diff']:.2e}, greedy tokens equal {c['graph_vs_eager_tokens_equal']}"
+                      f"/{c['tokens_compared']} (bf16 rounding differs between fused and unfused GEMMs; random "
+                      f"weights give near-tied logits)."]
+    if "peak_memory_gib" in res:
+        lines.append(f"Peak GPU memory {res['peak_memory_gib']} GiB; wall time {res['wall_s']} s.")
+    meas = roofline.measured_from_bench(res)
+    lines += ["", "Roofline floors (790 TFLOP/s, 3.0 TB/s) against the measured graphed rows:",
+              roofline.markdown(get_shape(res["shape"]), res["roofline"], meas)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--rows", default=None, help="comma-separated substrings selecting rows (default: all)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = args.rows.split(",") if args.rows else None
+    res = run(args.shape, args.steps, args.warmup, device, dtype, rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    md = to_markdown(res)
+    (out / "bench.md").write_text(md)
+    print(md)
+    return 0
