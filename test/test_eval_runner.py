@@ -102,6 +102,9 @@ def test_loop_runs_windows_in_order_resets_per_clip_and_excludes_warmup():
     assert model["latency_ms"]["encode"]["mean"] == pytest.approx(1.0)
     assert model["tokens"]["decode_tok_per_s"] == pytest.approx(500.0)
     assert cv["paired_vs_model"]["ade"]["mean"] == pytest.approx(-1.0, abs=1e-5)
+    # The model-free baseline produces no reasoning, so it is not scored against the label.
+    assert cv["reasoning"]["token_f1"]["n"] == 0 and model["reasoning"]["token_f1"]["n"] == 6
+    assert math.isnan(cv["tokens"]["mean_tokens"])
 
 
 def test_report_files(tmp_path):

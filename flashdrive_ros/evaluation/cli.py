@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--top-p", type=float)
     cfg.add_argument("--max-new-tokens", type=int)
     cfg.add_argument("--seed", type=int, default=0)
+    cfg.add_argument("--threads", type=int,
+                     help="torch CPU threads (default: torch's); 1 is much faster on a shared, loaded CPU")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("eval_out"), help="output directory")
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     defaults = engine_defaults(args)
     configs = [EvalConfig.parse(text, defaults) for text in (args.config or DEFAULT_CONFIGS)]
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     root, revision = _dataset(args)
 
     from .source import DatasetSource  # imports flashdrive_ros.data

@@ -12,6 +12,7 @@ from .runner import STAGES, EvalRun, summarize
 
 # Stages drawn as stacked bars; "total" is drawn as a marker (it may include untimed overhead).
 _BAR_STAGES = tuple(s for s in STAGES if s != "total")
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
 # ---- formatting helpers ------------------------------------------------------------------------
@@ -170,11 +171,14 @@ def plot_bev(run: EvalRun, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(samples), figsize=(4.2 * len(samples), 6), squeeze=False)
         for ax, s in zip(axes[0], samples):
             ax.plot(-s.history_xyz[:, 1], s.history_xyz[:, 0], color="0.6", lw=2, label="history")
-            ax.plot(-s.future_xyz[:, 1], s.future_xyz[:, 0], color="k", lw=2.5, label="ground truth")
-            for name, xyz in s.predictions.items():
+            for i, (name, xyz) in enumerate(s.predictions.items()):
+                style = _LINESTYLES[i % len(_LINESTYLES)]  # identical predictions stay distinguishable
                 for k in range(1, len(xyz)):  # other samples faint, first sample bold
                     ax.plot(-xyz[k, :, 1], xyz[k, :, 0], color=colors[name], lw=0.8, alpha=0.3)
-                ax.plot(-xyz[0, :, 1], xyz[0, :, 0], color=colors[name], lw=1.8, label=name)
+                ax.plot(-xyz[0, :, 1], xyz[0, :, 0], color=colors[name], lw=1.8, ls=style, label=name)
+            # Ground truth last, on top, so it is never hidden by a prediction.
+            ax.plot(-s.future_xyz[:, 1], s.future_xyz[:, 0], color="k", lw=1.4, ls=(0, (4, 2)),
+                    label="ground truth", zorder=5)
             ax.plot(0, 0, marker="^", color="k")
             ax.set_title(f"t0 = {s.t0_us / 1e6:.1f} s")
             ax.set_xlabel("−y (m, right →)")
@@ -195,7 +199,7 @@ def plot_latency(summary: dict, out_dir: Path) -> Path:
     """Stacked mean stage latency per configuration, with the mean total and p99 total as markers."""
     plt = _pyplot()
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.8))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.8))
     left = np.zeros(len(names))
     cmap = plt.get_cmap("Set2")
     for i, stage in enumerate(_BAR_STAGES):
@@ -209,7 +213,7 @@ def plot_latency(summary: dict, out_dir: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("ms per window")
     ax.set_title("Latency breakdown (mean per stage)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = out_dir / "latency.png"

@@ -118,8 +118,8 @@ class WindowSource(Protocol):
 @dataclass
 class Prediction:
     xyz: np.ndarray                    # [K, 64, 3]
-    reasoning: str | None = None
-    num_tokens: int = 0
+    reasoning: str | None = None       # None: this predictor does not reason (no agreement scored)
+    num_tokens: int | None = None
     timings_ms: dict = field(default_factory=dict)
     full_prefill: bool | None = None
     verify_passes: int | None = None
@@ -197,7 +197,7 @@ class WindowRecord:
     metrics: dict | None               # TrajectoryMetrics.as_dict(), None when no trajectory came back
     reasoning: dict | None             # exact_match / token_f1, None without a label
     reasoning_text: str | None
-    num_tokens: int
+    num_tokens: int | None
     timings_ms: dict
     wall_ms: float                     # measured around predictor.step by the loop
     full_prefill: bool | None
@@ -309,7 +309,8 @@ def _record(config: str, window: EvalWindow, index: int, warmup: bool, pred: Pre
         traj = M.trajectory_metrics(pred.xyz, window.future_xyz).as_dict()
     return WindowRecord(config=config, clip_id=window.clip_id, t0_us=int(window.t0_us), index=index,
                         warmup=warmup, metrics=traj,
-                        reasoning=reasoning_agreement(pred.reasoning, window.label),
+                        reasoning=(None if pred.reasoning is None
+                                   else reasoning_agreement(pred.reasoning, window.label)),
                         reasoning_text=pred.reasoning, num_tokens=pred.num_tokens,
                         timings_ms=dict(pred.timings_ms), wall_ms=wall_ms, full_prefill=pred.full_prefill,
                         verify_passes=pred.verify_passes, tokens_per_pass=pred.tokens_per_pass)
@@ -396,10 +397,11 @@ def _latency_summary(recs: list[WindowRecord]) -> dict:
 
 
 def _token_summary(recs: list[WindowRecord]) -> dict:
-    tokens = sum(r.num_tokens for r in recs)
-    decode_s = sum(r.timings_ms.get("decode", 0.0) for r in recs) / 1e3
-    tpp = [r.tokens_per_pass for r in recs if r.tokens_per_pass]
-    return {"mean_tokens": float(tokens / len(recs)) if recs else float("nan"),
+    decoding = [r for r in recs if r.num_tokens is not None]
+    tokens = sum(r.num_tokens for r in decoding)
+    decode_s = sum(r.timings_ms.get("decode", 0.0) for r in decoding) / 1e3
+    tpp = [r.tokens_per_pass for r in decoding if r.tokens_per_pass]
+    return {"mean_tokens": float(tokens / len(decoding)) if decoding else float("nan"),
             # Ratio of sums, not mean of ratios: one very short decode cannot dominate the figure.
             "decode_tok_per_s": float(tokens / decode_s) if decode_s > 0 else float("nan"),
             "tokens_per_pass": float(np.mean(tpp)) if tpp else float("nan")}
