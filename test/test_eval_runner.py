@@ -23,6 +23,8 @@ class ScriptedSource:
         return list(self.ranges)
 
     def t0_range_us(self, clip_id):
+        if self.ranges[clip_id] is None:
+            raise ValueError("clip too short")
         return self.ranges[clip_id]
 
     def read(self, clip_id, t0_us, with_frames=True):
@@ -122,3 +124,17 @@ def test_report_files(tmp_path):
     assert pngs == ["ade_over_time.png", "bev_clip0.png", "bev_clip1.png", "latency.png"]
     assert all(p.stat().st_size > 5000 for p in (tmp_path / "plots").glob("*.png"))
     assert math.isfinite(out["summary"]["model"]["latency_ms"]["total"]["p99"])
+
+
+def test_short_clips_are_skipped_and_trajectories_can_be_saved(tmp_path):
+    source = ScriptedSource(n_windows=(2,))
+    source.ranges["short"] = None
+    run = run_evaluation(source, [EvalConfig.parse("name=model")], progress=False, keep_trajectories=True,
+                         predictor_factory=factory([]))
+    assert list(run.windows) == ["clip0"] and run.skipped_clips == {"short": "clip too short"}
+    write_report(run, tmp_path, plots=False)
+    assert "`short`: clip too short" in (tmp_path / "report.md").read_text()
+    saved = np.load(tmp_path / "trajectories.npz")
+    assert saved["model/xyz"].shape == (2, 2, 64, 3) and saved["model/gt_xyz"].shape == (2, 64, 3)
+    assert saved["model/t0_us"].tolist() == [1_700_000, 1_800_000]
+    np.testing.assert_allclose(saved["model/xyz"][:, 1], saved["model/gt_xyz"])

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--plot-clips", type=int, default=2, help="clips with bird's-eye plots")
     out.add_argument("--plot-windows", type=int, default=3, help="windows per plotted clip")
     out.add_argument("--no-plots", action="store_true")
+    out.add_argument("--save-trajectories", action="store_true",
+                     help="also write trajectories.npz (every prediction and ground truth)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         start_us=None if args.t0_start is None else int(round(args.t0_start * 1e6)),
         end_us=None if args.t0_end is None else int(round(args.t0_end * 1e6)),
         max_windows=args.max_windows, warmup=args.warmup, plot_clips=0 if args.no_plots else args.plot_clips,
-        plot_windows_per_clip=args.plot_windows, progress=not args.no_progress)
+        plot_windows_per_clip=args.plot_windows, progress=not args.no_progress,
+        keep_trajectories=args.save_trajectories)
     meta = {"dataset": str(root), "revision": revision, "stride_ms": args.stride_ms, "warmup": args.warmup,
             "argv": list(sys.argv[1:] if argv is None else argv), "elapsed_s": round(time.time() - start, 2)}
     result = write_report(run, args.out, meta, plots=not args.no_plots)

@@ -137,6 +137,8 @@ def markdown_report(summary: dict, meta: dict) -> str:
     if paired:
         parts += ["## Paired differences vs the first configuration (m; negative = better)", paired]
     parts += ["## Per clip (mean ADE@6.4s / minADE@6.4s)", per_clip_table(summary)]
+    if meta.get("skipped_clips"):
+        parts += ["Skipped clips (no window): " + "; ".join(f"`{c}`: {why}" for c, why in meta["skipped_clips"].items())]
     return "\n\n".join(parts) + "\n"
 
 
@@ -265,6 +267,19 @@ def _jsonable(x):
     return x
 
 
+def write_trajectories(run: EvalRun, path: Path) -> Path:
+    """trajectories.npz: per configuration `<name>/clip` [N] str, `<name>/t0_us` [N], `<name>/xyz`
+    [N, K, 64, 3] predictions and `<name>/gt_xyz` [N, 64, 3], in evaluation order (warm-up included)."""
+    arrays = {}
+    for name, rows in run.trajectories.items():
+        arrays[f"{name}/clip"] = np.array([r[0] for r in rows])
+        arrays[f"{name}/t0_us"] = np.array([r[1] for r in rows], dtype=np.int64)
+        arrays[f"{name}/xyz"] = np.stack([r[2] for r in rows])
+        arrays[f"{name}/gt_xyz"] = np.stack([r[3] for r in rows])
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def write_report(run: EvalRun, out_dir: str | Path, meta: dict | None = None, plots: bool = True) -> dict:
     """Write results.json, report.md and plots/; returns {'summary', 'markdown', 'paths'}."""
     out = Path(out_dir)
@@ -274,6 +289,7 @@ def write_report(run: EvalRun, out_dir: str | Path, meta: dict | None = None, pl
     meta.setdefault("clips", len(run.windows))
     meta.setdefault("windows_per_config", sum(len(v) for v in run.windows.values()))
     meta.setdefault("warmup", run.warmup)
+    meta.setdefault("skipped_clips", dict(run.skipped_clips))
     markdown = markdown_report(summary, meta)
     results = {"meta": meta, "configs": [c.describe() for c in run.configs],
                "windows": {clip: t0s for clip, t0s in run.windows.items()},
@@ -281,6 +297,8 @@ def write_report(run: EvalRun, out_dir: str | Path, meta: dict | None = None, pl
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
     paths["json"].write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False))
     paths["markdown"].write_text(markdown)
+    if run.trajectories:
+        paths["trajectories"] = write_trajectories(run, out / "trajectories.npz")
     if plots:
         paths["plots"] = [*plot_bev(run, out / "plots"), plot_latency(summary, out / "plots"),
                           plot_ade_over_time(run, out / "plots")]

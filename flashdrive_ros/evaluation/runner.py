@@ -225,6 +225,9 @@ class EvalRun:
     warmup: int
     records: list[WindowRecord] = field(default_factory=list)
     plot_samples: list[PlotSample] = field(default_factory=list)
+    skipped_clips: dict[str, str] = field(default_factory=dict)  # clip -> why it has no window
+    # config -> list of (clip, t0_us, xyz [K,64,3], ground truth [64,3]); only with keep_trajectories
+    trajectories: dict[str, list] = field(default_factory=dict)
 
 
 def window_t0s(t0_range_us: tuple[int, int], stride_us: int = WINDOW_STRIDE_US, start_us: int | None = None,
@@ -252,15 +255,28 @@ def pick_plot_windows(t0s: list[int], warmup: int, count: int) -> list[int]:
 def run_evaluation(source: WindowSource, configs: list[EvalConfig], *, clip_ids: list[str] | None = None,
                    stride_us: int = WINDOW_STRIDE_US, start_us: int | None = None, end_us: int | None = None,
                    max_windows: int | None = None, warmup: int = 0, plot_clips: int = 2,
-                   plot_windows_per_clip: int = 3, progress: bool = True,
+                   plot_windows_per_clip: int = 3, progress: bool = True, keep_trajectories: bool = False,
                    predictor_factory: Callable[[EvalConfig], Predictor] = make_predictor) -> EvalRun:
     """Run every configuration over every (clip, t0) window in order and record per-window results."""
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
-    clips = list(clip_ids) if clip_ids else source.clip_ids()
-    windows = {c: window_t0s(source.t0_range_us(c), stride_us, start_us, end_us, max_windows) for c in clips}
-    run = EvalRun(configs=list(configs), windows=windows, warmup=warmup)
+    windows, skipped = {}, {}
+    for clip in (list(clip_ids) if clip_ids else source.clip_ids()):
+        try:
+            t0s = window_t0s(source.t0_range_us(clip), stride_us, start_us, end_us, max_windows)
+        except ValueError as err:  # clip too short for a single window: report it, evaluate the rest
+            t0s, skipped[clip] = [], str(err)
+        if t0s:
+            windows[clip] = t0s
+        else:
+            skipped.setdefault(clip, "no t0 inside the requested range")
+    for clip, why in skipped.items():
+        print(f"warning: skipping clip {clip}: {why}", file=sys.stderr)
+    if not windows:
+        raise ValueError("no clip has a window to evaluate")
+    clips = list(windows)
+    run = EvalRun(configs=list(configs), windows=windows, warmup=warmup, skipped_clips=skipped)
     plot_index: dict[tuple[str, int], PlotSample] = {}
     for clip in clips[:plot_clips]:
         for t0 in pick_plot_windows(windows[clip], warmup, plot_windows_per_clip):
@@ -279,6 +295,9 @@ def run_evaluation(source: WindowSource, configs: list[EvalConfig], *, clip_ids:
                     pred = predictor.step(window)
                     wall_ms = (time.perf_counter() - start) * 1e3
                     run.records.append(_record(config.name, window, i, i < warmup, pred, wall_ms))
+                    if keep_trajectories and pred.xyz is not None:
+                        run.trajectories.setdefault(config.name, []).append(
+                            (clip, t0, np.asarray(pred.xyz, np.float32), np.asarray(window.future_xyz, np.float32)))
                     if (clip, t0) in plot_index and pred.xyz is not None:
                         sample = plot_index[(clip, t0)]
                         if sample is None:
