@@ -80,7 +80,7 @@ class DriveNode(Node):
         super().__init__(node_name, **kwargs)
         self.params: DriveParams = declare_all(self)
         p = self.params
-        self._factory = engine_factory or resolve_factory(p.engine_factory)
+        self._factory = engine_factory   # None: resolved from the parameter in the worker (errors reported)
         us = lambda ms: int(round(ms * 1000))  # noqa: E731
         self._lock = threading.Lock()           # guards sync, odometry, counters, pending window
         self._wake = threading.Condition(self._lock)
@@ -193,6 +193,8 @@ class DriveNode(Node):
             try:
                 prev_t0 = self._process(win, reasons, prev_t0)
             except Exception as e:  # a bug in the node's own code must not kill the worker either
+                if self._stop or not self.context.ok():
+                    return
                 with self._lock:
                     self._problem(ERROR, f"internal error on t0={win.t0_us} us: {type(e).__name__}: {e}",
                                   win.t0_us, "internal")
@@ -208,7 +210,8 @@ class DriveNode(Node):
             import torch  # only the worker needs torch; dtype arrives as a string parameter
             kwargs["dtype"] = getattr(torch, p.dtype)
             t = time.monotonic()
-            self.engine = self._factory(p.model, **kwargs)
+            factory = self._factory or resolve_factory(p.engine_factory)
+            self.engine = factory(p.model, **kwargs)
             self.model_state = "loaded"
             self._set_status(OK, "model loaded")
             self.get_logger().info(f"drive_node ready: model '{p.model}' loaded on {p.device} in "
@@ -265,6 +268,8 @@ class DriveNode(Node):
                 self._request_reset("engine_error")  # its state may be half-updated
             self._log("engine_tb", traceback.format_exc(), ERROR)
             return None
+        if self._stop or not self.context.ok():  # shutting down: the publishers may be gone
+            return t0
         for pub, msg in zip((self.pub_traj, self.pub_path, self.pub_markers, self.pub_reasoning,
                              self.pub_latency), msgs):
             pub.publish(msg)
@@ -394,6 +399,8 @@ class DriveNode(Node):
                                 hardware_id=p.device, values=kv)
 
     def publish_diagnostics(self) -> None:
+        if self._stop or not self.context.ok():
+            return
         arr = DiagnosticArray(status=[self.diagnostics_status()])
         arr.header.stamp = self.get_clock().now().to_msg()
         self.pub_diag.publish(arr)
@@ -402,7 +409,8 @@ class DriveNode(Node):
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._worker.join(timeout=5.0)
+        # let a running step finish: tearing rclpy/torch down under a busy worker thread aborts the process
+        self._worker.join(timeout=60.0)
 
 
 def main(argv=None) -> int:
