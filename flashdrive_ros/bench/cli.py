@@ -67,7 +67,7 @@ def _time_rows(name: str, step, steps: int, warmup: int, log) -> dict:
 
 
 def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
-        rows: list[str] | None, log=print) -> dict:
+        rows: list[str] | None, log=print, out: Path | None = None) -> dict:
     shape = get_shape(shape_name)
     clock = Clock(device)
     result = {"shape": shape_name, "env": environment(device), "dtype": str(dtype).replace("torch.", ""),
@@ -79,16 +79,37 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
     want = (lambda n: rows is None or any(r in n for r in rows))
     t_start = time.time()
 
+    def save_partial() -> None:  # a long device run keeps what it measured even if a later row fails
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.partial.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+
+    def guarded(name: str, fn) -> None:
+        try:
+            result["rows"].append(fn())
+        except Exception as e:  # record and go on: one broken row must not cost the other rows
+            import traceback
+
+            traceback.print_exc()
+            result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        save_partial()
+
     if want("stock"):
-        stock = StockPipeline(shape, device, dtype)
-        result["params_stock"] = stock.parameter_count()
-        w = make_workload(shape, device, dtype)
-        result["rows"].append(_time_rows("stock transformers (eager, DynamicCache)", lambda: stock.step(w, clock),
-                                         steps, warmup, log))
-        del stock, w
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        name = "stock transformers (eager, DynamicCache)"
+
+        def stock_row():
+            stock = StockPipeline(shape, device, dtype)
+            result["params_stock"] = stock.parameter_count()
+            w = make_workload(shape, device, dtype)
+            try:
+                return _time_rows(name, lambda: stock.step(w, clock), steps, warmup, log)
+            finally:
+                del stock, w
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        guarded(name, stock_row)
 
     ours = OursPipeline(shape, device, dtype)
     result["params_ours"] = ours.parameter_count()
@@ -103,14 +124,19 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
     result["checks"]["graph_vs_eager_action_rel_diff"] = float((graph_x - eager_x).norm() / eager_x.norm())
     result["checks"]["graph_vs_eager_tokens_equal"] = int((graph_tok == eager_tok).sum())
     result["checks"]["tokens_compared"] = int(eager_tok.numel())
+    save_partial()
     for name, mode in our_rows():
         if not want(name):
             continue
-        if mode.streaming:
-            ours.full_prefill_window()  # window 0 of the stream fills every slot
-        row = _time_rows(name, lambda: ours.step(mode, clock), steps, warmup, log)
-        row["mode"] = mode.label()
-        result["rows"].append(row)
+
+        def our_row(name=name, mode=mode):
+            if mode.streaming:
+                ours.full_prefill_window()  # window 0 of the stream fills every slot
+            row = _time_rows(name, lambda: ours.step(mode, clock), steps, warmup, log)
+            row["mode"] = mode.label()
+            return row
+
+        guarded(name, our_row)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
@@ -140,6 +166,8 @@ def to_markdown(res: dict) -> str:
         passes = f"{r['decode_passes']:g}" if "decode_passes" in r else f"{wl['decoded_tokens']}"
         sp = f"{r['speedup_vs_stock']:.1f}×" if "speedup_vs_stock" in r else "–"
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {passes} | {sp} |")
+    for name, err in res.get("errors", {}).items():
+        lines.append(f"| {name} | failed: {err} | | | | | | |")
     c = res.get("checks", {})
     if c:
         lines += ["", f"Graph vs eager on the same cache: action relative difference "
@@ -167,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = args.rows.split(",") if args.rows else None
-    res = run(args.shape, args.steps, args.warmup, device, dtype, rows)
     out = Path(args.out)
+    res = run(args.shape, args.steps, args.warmup, device, dtype, rows, out=out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     md = to_markdown(res)
