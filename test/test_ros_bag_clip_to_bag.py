@@ -124,7 +124,8 @@ def test_ground_truth_is_the_future_in_the_ego_frame(messages, dataset):
     ego = devkit.get_clip_feature(clip_id, "egomotion")
     anchor_ts = np.asarray(devkit.get_clip_feature(clip_id, clip_to_bag.GT_ANCHOR_CAMERA).timestamps)
     gt = messages[bt.GROUND_TRUTH_TOPIC]
-    valid = anchor_ts[anchor_ts + 6_400_000 <= ego.time_range[1]]
+    lo, hi = ego.time_range
+    valid = anchor_ts[(anchor_ts + 6_400_000 <= hi) & (anchor_ts - 1_500_000 >= lo)]
     assert len(gt) == len(valid) > 0
     t, path = gt[len(gt) // 2]
     t0_us = (bt.stamp_to_ns(path.header.stamp) - EPOCH_NS) // 1000
@@ -137,6 +138,21 @@ def test_ground_truth_is_the_future_in_the_ego_frame(messages, dataset):
     pk = ego(t0_us + 100_000 * np.arange(1, 65)).pose.translation
     np.testing.assert_allclose(np.linalg.norm(xyz, axis=1), np.linalg.norm(pk - p0, axis=1), atol=1e-6)
     assert xyz[-1, 0] > 1.0, "the synthetic ego drives forward: the future ends ahead (x > 0)"
+
+
+def test_ground_truth_equals_the_window_readers_future(messages, dataset):
+    from flashdrive_ros.data import WindowReader
+    devkit, clip_id = dataset[3], dataset[2]
+    _, path = messages[bt.GROUND_TRUTH_TOPIC][0]
+    t0_us = (bt.stamp_to_ns(path.header.stamp) - EPOCH_NS) // 1000
+    _, _, fut_xyz, _ = WindowReader(devkit).trajectory(clip_id, int(t0_us))
+    xyz = np.array([[p.pose.position.x, p.pose.position.y, p.pose.position.z] for p in path.poses])
+    np.testing.assert_allclose(xyz, fut_xyz, atol=1e-9)
+
+
+def test_camera_names_match_the_repo_convention():
+    from flashdrive_ros.data.camera import CAMERA_NAMES
+    assert bt.CAMERA_NAMES == tuple(CAMERA_NAMES)
 
 
 def test_tf_static_holds_camera_extrinsics(messages, dataset):

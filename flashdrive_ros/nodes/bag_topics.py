@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashdrive_ros.data.camera import CAMERA_NAMES
+# The repo-wide camera order (docs/DESIGN.md Conventions; = flashdrive_ros.data.camera.CAMERA_NAMES, checked by
+# a test). Repeated here so the replay node does not import the data package (pandas, renderer: seconds).
+CAMERA_NAMES = ("camera_cross_left_120fov", "camera_front_wide_120fov",
+                "camera_cross_right_120fov", "camera_front_tele_30fov")
 
 DEFAULT_EPOCH_NS = 1_700_000_000 * 10**9
 
@@ -56,6 +59,7 @@ FORMAT_VERSION = "flashdrive_bag/1"
 # Ground truth: the Alpamayo future block, 64 poses at 0.1 s after t0 (dataset.md §8).
 GT_STEPS = 64
 GT_DT_US = 100_000
+GT_HISTORY_US = 1_500_000   # a t0 also needs 1.5 s of ego history (16 poses) to be a model window
 
 
 @dataclass(frozen=True)

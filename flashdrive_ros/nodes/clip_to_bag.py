@@ -3,7 +3,9 @@
     clip_to_bag --dataset <hf cache dir> --clip <clip id> --out <bag dir> [--revision <commit>]
                 [--start-s S] [--duration-s D] [--odom-hz 50] [--jpeg-quality 90] [--epoch-s 1.7e9]
 
-The clip is read offline through the official `physical_ai_av` devkit. The bag holds (docs/DESIGN.md,
+The clip is read offline through the official `physical_ai_av` devkit, opened by the data package's
+`open_dataset`; the ground truth comes from its `WindowReader.trajectory`, so it is exactly the future the
+offline evaluation scores against. The bag holds (docs/DESIGN.md,
 "ROS interfaces"): every frame of the four Alpamayo cameras as JPEG CompressedImage (~30 fps, true frame
 timestamps) with a CameraInfo per frame, nav_msgs/Odometry from egomotion at `--odom-hz`, one /tf_static
 with the camera extrinsics, and the ground-truth 6.4 s future as nav_msgs/Path at every anchor-camera
@@ -41,6 +43,7 @@ class ClipData:
     egomotion: object            # physical_ai_av interpolator: f(us array) -> EgomotionState; .time_range
     intrinsics: object | None    # physical_ai_av.calibration.CameraIntrinsics
     extrinsics: object | None    # physical_ai_av.calibration.SensorExtrinsics
+    future: object               # t0_us -> (xyz [64,3], rot [64,3,3]) in the ego frame at t0
     source: dict = field(default_factory=dict)   # provenance for the bag metadata
 
     def close(self):
@@ -64,18 +67,19 @@ def open_devkit(cache_dir: str | Path, revision: str | None = None):
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise SystemExit(f"clip_to_bag: dataset cache dir {cache_dir} does not exist")
-    os.environ["HF_HUB_OFFLINE"] = "1"   # read before huggingface_hub is first imported
     revision = _resolve_revision(cache_dir, revision)
+    from flashdrive_ros.data import DatasetFileError, open_dataset
     try:
-        import huggingface_hub.constants as hfc
-        hfc.HF_HUB_OFFLINE = True          # in case huggingface_hub was imported before us
-    except ImportError:
-        pass
-    from physical_ai_av.dataset import PhysicalAIAVDatasetInterface
-    return PhysicalAIAVDatasetInterface(revision=revision, repo_id=HF_REPO_ID, cache_dir=str(cache_dir)), revision
+        return open_dataset(cache_dir, revision), revision
+    except (DatasetFileError, ValueError) as exc:
+        raise SystemExit(f"clip_to_bag: cannot open the dataset at {cache_dir}: {exc}")
 
 
 def read_clip(devkit, clip_id: str, cameras=bt.CAMERA_NAMES) -> ClipData:
+    from flashdrive_ros.data import WindowReader
+    if clip_id not in devkit.clip_index.index:
+        raise SystemExit(f"clip_to_bag: clip {clip_id} is not in the dataset index (clip_index.parquet)")
+    windows = WindowReader(devkit, cameras=())     # ground truth only: no second copy of the videos
     try:
         videos = {name: devkit.get_clip_feature(clip_id, name) for name in cameras}
         ego = devkit.get_clip_feature(clip_id, "egomotion")
@@ -93,7 +97,7 @@ def read_clip(devkit, clip_id: str, cameras=bt.CAMERA_NAMES) -> ClipData:
     for name, v in videos.items():
         if v.timestamps is None or len(v.timestamps) == 0:
             raise SystemExit(f"clip_to_bag: {clip_id}/{name} has no frame timestamps")
-    return ClipData(clip_id, videos, ego, intr, extr)
+    return ClipData(clip_id, videos, ego, intr, extr, future=lambda t0: windows.trajectory(clip_id, int(t0))[2:])
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
@@ -146,20 +150,6 @@ def odometry_samples(ego, t_us: np.ndarray, h_us: int = 5_000):
     return xyz, rot.as_quat(), v_base, w_base
 
 
-def future_in_frame(ego, t0_us: np.ndarray, steps: int = bt.GT_STEPS, dt_us: int = bt.GT_DT_US):
-    """Ground truth like Alpamayo's loader: poses at t0 + (k+1)*dt in the ego frame at t0.
-    Returns xyz [N, steps, 3] and quaternions xyzw [N, steps, 4]."""
-    t0_us = np.asarray(t0_us, dtype=np.int64)
-    fut = t0_us[:, None] + dt_us * np.arange(1, steps + 1)[None, :]
-    x0, r0 = _poses(ego, t0_us)
-    xf, rf = _poses(ego, fut.ravel())
-    n = len(t0_us)
-    r0_rep = r0[np.repeat(np.arange(n), steps)]
-    xyz = r0_rep.inv().apply(xf - np.repeat(x0, steps, axis=0)).reshape(n, steps, 3)
-    quat = (r0_rep.inv() * rf).as_quat().reshape(n, steps, 4)
-    return xyz, quat
-
-
 def _odom_stream(clip, fac, t_lo, t_hi, hz, epoch_ns, order, batch=500):
     period = int(round(1e6 / hz))
     first = -(-t_lo // period) * period
@@ -172,17 +162,18 @@ def _odom_stream(clip, fac, t_lo, t_hi, hz, epoch_ns, order, batch=500):
             yield ns, order, bt.ODOM_TOPIC, fac.odometry(ns, xyz[i], quat[i], v[i], w[i])
 
 
-def _gt_stream(clip, fac, t_lo, t_hi, epoch_ns, order, batch=50):
+def _gt_stream(clip, fac, t_lo, t_hi, epoch_ns, order):
     ego_lo, ego_hi = clip.egomotion.time_range
     anchor = GT_ANCHOR_CAMERA if GT_ANCHOR_CAMERA in clip.videos else next(iter(clip.videos))
     ts = np.asarray(clip.videos[anchor].timestamps, dtype=np.int64)
-    t0s = ts[(ts >= max(t_lo, ego_lo)) & (ts <= t_hi) & (ts + bt.GT_STEPS * bt.GT_DT_US <= ego_hi)]
-    for s in range(0, len(t0s), batch):
-        t = t0s[s:s + batch]
-        xyz, quat = future_in_frame(clip.egomotion, t)
-        for i in range(len(t)):
-            ns = bt.clip_us_to_ns(t[i], epoch_ns)
-            yield ns, order, bt.GROUND_TRUTH_TOPIC, fac.future_path(ns, xyz[i], quat[i])
+    # t0s the window reader accepts: 1.5 s of history and the 6.4 s future inside the egomotion range.
+    t0s = ts[(ts >= t_lo) & (ts <= t_hi) & (ts - bt.GT_HISTORY_US >= ego_lo)
+             & (ts + bt.GT_STEPS * bt.GT_DT_US <= ego_hi)]
+    from scipy.spatial.transform import Rotation
+    for t0 in t0s:
+        xyz, rot = clip.future(int(t0))
+        ns = bt.clip_us_to_ns(t0, epoch_ns)
+        yield ns, order, bt.GROUND_TRUTH_TOPIC, fac.future_path(ns, xyz, Rotation.from_matrix(rot).as_quat())
 
 
 def _tf_static(clip, fac, ns):

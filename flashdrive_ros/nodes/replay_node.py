@@ -35,6 +35,9 @@ PARAMS = (
     ("clock_frequency", 100.0, "Hz of /clock between messages; 0 = only just before each message."),
     ("topics", [""], "Only these topics ([''] = all)."),
     ("exclude_topics", [""], "Never these topics."),
+    ("wait_for_subscribers", 0,
+     "Before playing, wait until /clock and every played topic have this many subscribers (0 = don't; "
+     "gives up after 30 s with a warning). With `topics` it makes a replay lossless from the first message."),
     ("exit_when_done", True, "Shut down after the last bag when not looping (like ros2 bag play)."),
 )
 
@@ -49,6 +52,7 @@ class ReplayParams:
     clock_frequency: float
     topics: list
     exclude_topics: list
+    wait_for_subscribers: int
     exit_when_done: bool
 
     def validate(self) -> "ReplayParams":
@@ -69,6 +73,8 @@ class ReplayParams:
             problems.append(f"delay must be >= 0, got {self.delay}")
         if self.clock_frequency < 0:
             problems.append(f"clock_frequency must be >= 0, got {self.clock_frequency}")
+        if self.wait_for_subscribers < 0:
+            problems.append(f"wait_for_subscribers must be >= 0, got {self.wait_for_subscribers}")
         if problems:
             raise ValueError("replay_node: " + "; ".join(problems))
         return self
@@ -225,9 +231,37 @@ class Player:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
 
+    def prepare(self) -> None:
+        """Create every publisher before playing: a publisher made at its first message would lose the
+        first messages while subscribers discover it (`delay` gives discovery its time)."""
+        from rosbags.highlevel import AnyReader
+        for path in self.p.bags:
+            with AnyReader([Path(path)]) as reader:
+                for conn in reader.connections:
+                    if self._wanted(conn.topic):
+                        self._publisher(conn.topic, conn.msgtype)
+
+    def wait_for_subscribers(self, n: int, timeout_s: float = 30.0) -> bool:
+        pubs = [p for p in self.pubs.values() if p is not None] + [self.clock_pub]
+        end = time.monotonic() + timeout_s
+        while not self.stop.is_set():
+            waiting = [p.topic_name for p in pubs if p.get_subscription_count() < n]
+            if not waiting:
+                return True
+            if time.monotonic() > end:
+                self.log.warning(f"playing although these topics have < {n} subscribers: {waiting}")
+                return True
+            self.stop.wait(0.05)
+        return False
+
     def run(self) -> bool:
         """Play all bags (looping if asked). Returns False if stopped early."""
-        if self.p.delay > 0 and self.stop.wait(self.p.delay):
+        started = time.monotonic()
+        self.prepare()
+        if self.p.wait_for_subscribers > 0 and not self.wait_for_subscribers(self.p.wait_for_subscribers):
+            return False
+        remaining = self.p.delay - (time.monotonic() - started)
+        if remaining > 0 and self.stop.wait(remaining):
             return False
         loop_index = 0
         while not self.stop.is_set():
@@ -252,12 +286,14 @@ def _parse_cli(argv):
     ap.add_argument("--clock-frequency", type=float)
     ap.add_argument("--topics", nargs="+")
     ap.add_argument("--exclude-topics", nargs="+")
+    ap.add_argument("--wait-for-subscribers", type=int)
     ap.add_argument("--no-exit", action="store_true", help="keep the node alive after the last bag")
     args = ap.parse_args(argv)
     overrides = {k: v for k, v in dict(
         bags=args.bags or None, rate=args.rate, loop=args.loop, start_offset=args.start_offset,
         delay=args.delay, clock_frequency=args.clock_frequency, topics=args.topics,
-        exclude_topics=args.exclude_topics, exit_when_done=False if args.no_exit else None).items()
+        exclude_topics=args.exclude_topics, wait_for_subscribers=args.wait_for_subscribers,
+        exit_when_done=False if args.no_exit else None).items()
         if v is not None}
     return overrides
 
@@ -327,6 +363,10 @@ def _coerce(name, default, value):
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or int(value) != value:
+                raise TypeError
+            return int(value)
         if isinstance(default, float):
             if isinstance(value, bool):
                 raise TypeError
