@@ -190,7 +190,7 @@ def test_replay_and_drive_processes_produce_sane_outputs_and_a_loop_resets(bag):
         assert all(p >= 0 for p in parts) and m.total_ms > 0
         assert sum(parts[:5]) > 0
         assert abs(sum(parts) - m.total_ms) <= 1e-3 * m.total_ms + 1e-3
-        assert m.pipeline_latency_ms >= m.total_ms * 0.5  # publish time minus t0 includes the step itself
+        assert m.pipeline_latency_ms >= m.total_ms * 0.9  # t0 -> publish includes the step itself
         assert m.num_samples == 1 and m.streaming
     assert latency[0].full_prefill
     diag = probe.diag()

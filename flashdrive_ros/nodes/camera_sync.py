@@ -39,6 +39,8 @@ class Window:
     padded: dict = field(default_factory=dict)       # camera index -> older slots repeating a newer frame
     gap: bool = False                                # t0 far after the previous window
     superseded: int = 0                              # older ready windows skipped for this one
+    ready_clock_us: int = 0                          # consumer's bookkeeping: clock when the window was
+    ready_mono_s: float = 0.0                        # complete (node clock) and monotonic time then
 
     @property
     def ok(self) -> bool:

@@ -147,6 +147,8 @@ class DriveNode(Node):
                 self._request_reset("time_jump")
             win = self.sync.pop_window()
             if win is not None:
+                win.ready_clock_us = self.get_clock().now().nanoseconds // 1000
+                win.ready_mono_s = time.monotonic()
                 self.stats["superseded"] += win.superseded
                 if self._pending is not None:
                     self.stats["dropped"] += 1      # the worker is busy: newest window wins
@@ -260,7 +262,7 @@ class DriveNode(Node):
             outputs.check_result(result)
             if int(result.t0_us) != t0:
                 raise outputs.InvalidResult(f"engine answered t0={result.t0_us} for window t0={t0}")
-            msgs = self._build_outputs(result)
+            msgs = self._build_outputs(result, win)
         except Exception as e:
             with self._lock:
                 self.stats["engine_errors"] += 1
@@ -279,12 +281,15 @@ class DriveNode(Node):
             self._set_status(OK, f"publishing (last window {msgs[-1].total_ms:.0f} ms)")
         return t0
 
-    def _build_outputs(self, result):
+    def _build_outputs(self, result, win: Window):
         p = self.params
-        now_us = self.get_clock().now().nanoseconds // 1000
+        # t0 -> window complete on the node clock (transport), then real time to now (queue + decode +
+        # step): stays meaningful under sim time at any replay rate and across a loop of the sim clock
+        transport_ms = max(0.0, (win.ready_clock_us - result.t0_us) / 1000.0) if win.ready_clock_us > 0 else 0.0
+        pipeline_ms = transport_ms + (time.monotonic() - win.ready_mono_s) * 1000.0
         with self._lock:
             dropped = self.stats["dropped"]
-        lat = outputs.to_latency(result, p.frame_id, pipeline_latency_ms=(now_us - result.t0_us) / 1000.0,
+        lat = outputs.to_latency(result, p.frame_id, pipeline_latency_ms=pipeline_ms,
                                  dropped_frames=dropped, streaming=p.streaming, speculative=p.speculative,
                                  cuda_graphs=p.cuda_graphs, flow_schedule=p.flow_schedule)
         return (outputs.to_trajectory(result, p.frame_id), outputs.to_path(result, p.frame_id),
