@@ -47,7 +47,6 @@ def label_at(scene: sc.Scene, t0_us: int) -> tuple[str, str, str]:
     # Mean acceleration over the next 1.5 s: what the ego is about to do, not the current jitter.
     a_future = (scene.ego_v[ahead] - v) / max((ahead - i) * sc.DT, sc.DT)
     stopped_now = v < 0.2
-    stays_stopped = stopped_now and scene.ego_v[min(n - 1, i + 50)] < 0.2
 
     lc_window = scene.lane_change[i:min(n, i + 100)]  # lane change now or within the next second
     if np.any(lc_window != 0):
@@ -59,7 +58,7 @@ def label_at(scene: sc.Scene, t0_us: int) -> tuple[str, str, str]:
     light = scene.light
     lead = _lead_agent(scene)
     if limiter == sc.LIGHT:
-        if stays_stopped or stopped_now:
+        if stopped_now:
             key = ("red_light", "stay_stopped")
         elif light.state[i] == sc.YELLOW:
             key = ("yellow_light", "decelerate")
