@@ -273,7 +273,7 @@ class DriveEngine:
             self.cache.set_positions(positions)
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the cache must stay writable outside step() (reset, tests)
     def step(self, frames, t0_us, ego_history_xyz, ego_history_rot) -> StepResult:
         frames, t0_us, hist_xyz, hist_rot = validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot)
         timer = StageTimer(self.device)
