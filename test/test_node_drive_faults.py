@@ -198,3 +198,31 @@ def test_engine_exception_and_nan_output(monkeypatch):
         assert rig.node.engine.resets >= 3
     finally:
         rig.close()
+
+
+def first_latency(rig, t_us):
+    return [m for m in rig.out.latency if h.stamp_us(m.header.stamp) - h.EPOCH_US == t_us][0]
+
+
+def test_gap_in_input_time_resets_the_engine(rig):
+    rig.segment()
+    t = rig.segment(gap_s=2.0)               # inputs resume 2 s later on the same clock
+    assert "gap" in rig.node.last_reset_reason
+    assert first_latency(rig, t - 300_000).full_prefill
+    assert not first_latency(rig, t - 200_000).full_prefill   # streaming again on the next window
+    rig.advance(t)
+
+
+def test_clip_boundary_resets_and_drops_the_old_clip_buffers(rig):
+    t = rig.segment()
+    resets = rig.node.stats["resets"]
+    rig.boundary(t)
+    rig._wait(lambda: any("clip_boundary" in r for r in rig.node._reset_reasons), 5, "boundary received")
+    rig.preroll(t)                            # the new clip's odometry (the old one was dropped)
+    rig.run(t, t + 300_000)
+    assert rig.node.stats["resets"] == resets + 1
+    assert "clip_boundary:next_bag" in rig.node.last_reset_reason
+    assert first_latency(rig, t + 300_000).full_prefill
+    # frames from before the boundary are not mixed into the new clip: the first window is 0.3 s after it
+    assert not published(rig, t + 100_000) and not published(rig, t + 200_000)
+    rig.advance(t + 400_000)

@@ -215,6 +215,12 @@ class Rig:
         topics = self.node.params.camera_topics
         self.cam_pubs = [self.probe.create_publisher(Image if self.raw else CompressedImage, t, rel) for t in topics]
         self.odom_pub = self.probe.create_publisher(Odometry, self.node.params.odom_topic, rel)
+        from rclpy.qos import DurabilityPolicy
+        from flashdrive_ros.msg import ClipBoundary
+        self.ClipBoundary = ClipBoundary
+        self.boundary_pub = self.probe.create_publisher(
+            ClipBoundary, self.node.params.clip_boundary_topic,
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.out = Outputs()
         lock = threading.Lock()
 
@@ -277,6 +283,11 @@ class Rig:
         m.header.stamp = to_stamp(EPOCH_US + t_us)
         m.header.frame_id = f"camera{cam}"
         return m
+
+    def boundary(self, t_us: int, reason: str = "next_bag"):
+        m = self.ClipBoundary(clip_id="synthetic", loop_index=0, bag_index=1, reason=reason)
+        m.header.stamp = to_stamp(EPOCH_US + t_us)
+        self.boundary_pub.publish(m)
 
     def preroll(self, t0_us: int = 0, seconds: float = 1.6):
         """Odometry history before the first camera frame."""
