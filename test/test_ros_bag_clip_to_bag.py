@@ -58,6 +58,22 @@ def test_bag_is_mcap_with_clip_metadata(bag, dataset):
     assert int(custom[bt.META_EPOCH_NS]) == EPOCH_NS
 
 
+def test_mcap_follows_the_ros2_profile(bag, messages):
+    """Checked with the independent `mcap` reader: what rosbag2's MCAP storage plugin expects."""
+    from mcap.reader import make_reader
+    [path] = bag.glob("*.mcap")
+    with open(path, "rb") as fh:
+        reader = make_reader(fh)
+        assert reader.get_header().profile == "ros2"
+        summary = reader.get_summary()
+    channels = {c.topic: c for c in summary.channels.values()}
+    assert set(channels) == set(bt.bag_topic_types())
+    for topic, ch in channels.items():
+        schema = summary.schemas[ch.schema_id]
+        assert (ch.message_encoding, schema.encoding, schema.name) == ("cdr", "ros2msg", bt.bag_topic_types()[topic])
+    assert summary.statistics.message_count == sum(len(v) for v in messages.values())
+
+
 def test_all_topics_present_with_declared_types(bag):
     from rosbags.highlevel import AnyReader
     with AnyReader([bag]) as reader:
