@@ -150,7 +150,7 @@ class DriveNode(Node):
                 win.ready_clock_us = self.get_clock().now().nanoseconds // 1000
                 win.ready_mono_s = time.monotonic()
                 self.stats["superseded"] += win.superseded
-                if self._pending is not None:
+                if self._pending is not None and self.model_state == "loaded":
                     self.stats["dropped"] += 1      # the worker is busy: newest window wins
                 self._pending = win
                 self._wake.notify()
