@@ -240,6 +240,11 @@ def plot_ade_over_time(run: EvalRun, out_dir: Path, max_clips: int = 4) -> Path:
                 ax.plot(t, ade, color=colors[config.name], lw=1.2, label=config.name)
                 ax.scatter(t[~warm], ade[~warm], color=colors[config.name], s=10)
                 ax.scatter(t[warm], ade[warm], facecolors="none", edgecolors=colors[config.name], s=14)
+        if 0 < run.warmup:  # shade the excluded warm-up windows
+            t0s = run.windows[clip]
+            half = (t0s[1] - t0s[0]) / 2e6 if len(t0s) > 1 else 0.05
+            ax.axvspan(t0s[0] / 1e6 - half, t0s[min(run.warmup, len(t0s)) - 1] / 1e6 + half, color="0.9",
+                       zorder=0, label="warm-up (excluded)")
         ax.set_title(f"clip {clip}", fontsize=9)
         ax.set_ylabel("ADE@6.4s (m)")
         ax.grid(alpha=0.3)
