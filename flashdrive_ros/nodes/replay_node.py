@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spin = threading.Thread(target=lambda: _spin(executor), daemon=True)
+    spin = threading.Thread(target=lambda: _spin(executor, stop), daemon=True)
     spin.start()
     player = Player(node, params, stop)
     node.get_logger().info(f"replaying {len(params.bags)} bag(s) at rate {params.rate}"
@@ -339,16 +339,22 @@ def main(argv=None) -> int:
         node.get_logger().info(f"published {total} messages on {len(player.counts)} topics, "
                                f"{player.boundaries} clip boundaries" + ("" if finished else " (stopped)"))
         if finished and not params.exit_when_done:
-            while rclpy.ok():
+            while rclpy.ok() and not stop.is_set():
                 time.sleep(0.2)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except ValueError as exc:
+    except ValueError as exc:              # e.g. start_offset past the end of a bag
         node.get_logger().fatal(str(exc))
         rc = 2
+    except Exception:
+        # SIGINT/SIGTERM shut the context down under us, so a publish can fail mid-playback: a normal
+        # stop. With the context still valid it is a real error.
+        if rclpy.ok():
+            raise
     finally:
         stop.set()
-        player.flush()
+        if rclpy.ok():
+            player.flush()
         executor.shutdown(timeout_sec=1.0)
         spin.join(timeout=2.0)
         node.destroy_node()
@@ -382,12 +388,14 @@ def _coerce(name, default, value):
     raise ValueError(f"replay_node: parameter {name!r} should look like {default!r}, got {value!r}")
 
 
-def _spin(executor):
+def _spin(executor, stop: threading.Event):
     from rclpy.executors import ExternalShutdownException
     try:
         executor.spin()
     except (ExternalShutdownException, KeyboardInterrupt):
         pass
+    finally:
+        stop.set()           # the context is gone (signal): end playback
 
 
 if __name__ == "__main__":
