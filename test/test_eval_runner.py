@@ -138,3 +138,17 @@ def test_short_clips_are_skipped_and_trajectories_can_be_saved(tmp_path):
     assert saved["model/xyz"].shape == (2, 2, 64, 3) and saved["model/gt_xyz"].shape == (2, 64, 3)
     assert saved["model/t0_us"].tolist() == [1_700_000, 1_800_000]
     np.testing.assert_allclose(saved["model/xyz"][:, 1], saved["model/gt_xyz"])
+
+
+def test_a_configuration_that_cannot_be_built_is_reported_and_the_others_still_run(tmp_path):
+    def factory_with_failure(cfg):
+        if cfg.name == "broken":
+            raise FileNotFoundError("no checkpoint at /nope")
+        return OffsetPredictor([])
+
+    configs = [EvalConfig.parse("name=broken,checkpoint=/nope"), EvalConfig.parse("name=model")]
+    run = run_evaluation(ScriptedSource(), configs, progress=False, predictor_factory=factory_with_failure)
+    assert run.failed_configs == {"broken": "FileNotFoundError: no checkpoint at /nope"}
+    out = write_report(run, tmp_path)
+    assert list(out["summary"]) == ["model"] and out["summary"]["model"]["windows"] == 8
+    assert "`broken`: FileNotFoundError" in out["markdown"]

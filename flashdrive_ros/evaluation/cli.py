@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result['paths']['json']}, {result['paths']['markdown']}"
           + ("" if args.no_plots else f", {len(result['paths']['plots'])} plot(s) in {args.out / 'plots'}"),
           file=sys.stderr)
-    return 0
+    return 1 if run.failed_configs else 0
 
 
 if __name__ == "__main__":

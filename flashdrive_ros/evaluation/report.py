@@ -137,6 +137,9 @@ def markdown_report(summary: dict, meta: dict) -> str:
     if paired:
         parts += ["## Paired differences vs the first configuration (m; negative = better)", paired]
     parts += ["## Per clip (mean ADE@6.4s / minADE@6.4s)", per_clip_table(summary)]
+    if meta.get("failed_configs"):
+        parts += ["**Failed configurations (not evaluated):** " + "; ".join(
+            f"`{c}`: {why}" for c, why in meta["failed_configs"].items())]
     if meta.get("skipped_clips"):
         parts += ["Skipped clips (no window): " + "; ".join(f"`{c}`: {why}" for c, why in meta["skipped_clips"].items())]
     return "\n\n".join(parts) + "\n"
@@ -295,6 +298,7 @@ def write_report(run: EvalRun, out_dir: str | Path, meta: dict | None = None, pl
     meta.setdefault("windows_per_config", sum(len(v) for v in run.windows.values()))
     meta.setdefault("warmup", run.warmup)
     meta.setdefault("skipped_clips", dict(run.skipped_clips))
+    meta.setdefault("failed_configs", dict(run.failed_configs))
     markdown = markdown_report(summary, meta)
     results = {"meta": meta, "configs": [c.describe() for c in run.configs],
                "windows": {clip: t0s for clip, t0s in run.windows.items()},
@@ -304,7 +308,9 @@ def write_report(run: EvalRun, out_dir: str | Path, meta: dict | None = None, pl
     paths["markdown"].write_text(markdown)
     if run.trajectories:
         paths["trajectories"] = write_trajectories(run, out / "trajectories.npz")
-    if plots:
+    if plots and summary:  # nothing to draw when every configuration failed
         paths["plots"] = [*plot_bev(run, out / "plots"), plot_latency(summary, out / "plots"),
                           plot_ade_over_time(run, out / "plots")]
+    elif plots:
+        paths["plots"] = []
     return {"summary": summary, "markdown": markdown, "paths": paths}

@@ -226,6 +226,7 @@ class EvalRun:
     records: list[WindowRecord] = field(default_factory=list)
     plot_samples: list[PlotSample] = field(default_factory=list)
     skipped_clips: dict[str, str] = field(default_factory=dict)  # clip -> why it has no window
+    failed_configs: dict[str, str] = field(default_factory=dict)  # config -> why it could not be built
     # config -> list of (clip, t0_us, xyz [K,64,3], ground truth [64,3]); only with keep_trajectories
     trajectories: dict[str, list] = field(default_factory=dict)
 
@@ -284,7 +285,13 @@ def run_evaluation(source: WindowSource, configs: list[EvalConfig], *, clip_ids:
     total = sum(len(v) for v in windows.values())
 
     for config in configs:
-        predictor = predictor_factory(config)
+        try:
+            predictor = predictor_factory(config)
+        except Exception as err:  # e.g. a missing checkpoint or an unfinished feature: run the others
+            run.failed_configs[config.name] = f"{type(err).__name__}: {err}"
+            print(f"error: configuration {config.name!r} could not be built: {run.failed_configs[config.name]}",
+                  file=sys.stderr)
+            continue
         bar = _progress(total, f"{config.name}", progress)
         try:
             for clip in clips:
@@ -359,8 +366,9 @@ TRAJECTORY_KEYS = ("ade", "min_ade", "ade@1s", "ade@3s", "ade@5s", "min_ade@1s",
 def summarize(run: EvalRun) -> dict:
     """Per-configuration aggregates over the non-warm-up windows: overall, per clip, latency."""
     out = {}
-    first = run.configs[0].name if run.configs else None
-    for config in run.configs:
+    evaluated = [c for c in run.configs if c.name not in run.failed_configs]
+    first = evaluated[0].name if evaluated else None
+    for config in evaluated:
         recs = [r for r in run.records if r.config == config.name and not r.warmup]
         out[config.name] = {
             "config": config.describe(),
