@@ -181,7 +181,7 @@ def test_loop_and_bag_change_signal_clip_boundaries(bag, bag_stamps, recorder):
         proc.send_signal(signal.SIGINT)
         rc, out = finish(proc)
     assert ok, out
-    assert rc == 0, out
+    assert rc == 0 and "Traceback" not in out, out             # SIGINT mid-playback is a clean stop
     b = recorder.values("boundary")
     assert [x[:3] for x in b[:3]] == [("start", 0, 0), ("next_bag", 0, 1), ("loop", 1, 0)]
     assert len({x[3] for x in b}) == 1 and b[0][3]                  # the clip id from the bag metadata
