@@ -152,3 +152,11 @@ def test_a_configuration_that_cannot_be_built_is_reported_and_the_others_still_r
     out = write_report(run, tmp_path)
     assert list(out["summary"]) == ["model"] and out["summary"]["model"]["windows"] == 8
     assert "`broken`: FileNotFoundError" in out["markdown"]
+
+
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "flashdrive_ros.evaluation", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and "--config" in res.stdout and "--warmup" in res.stdout
