@@ -13,6 +13,7 @@ Run: python -m flashdrive_ros.nodes.drive_node --ros-args --params-file config/d
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 import time
 import traceback
@@ -428,6 +429,9 @@ def main(argv=None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except ValueError as e:  # invalid parameters: one clear line instead of a traceback
+        print(f"[drive_node] invalid configuration: {e}", file=sys.stderr)
+        return 2
     finally:
         if node is not None:
             node.shutdown()
@@ -438,5 +442,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main(sys.argv))
