@@ -341,10 +341,13 @@ class DriveNode(Node):
 
     def _decode(self, cam: int, stamp: int, msg, hw) -> np.ndarray:
         key = (cam, stamp)
-        img = self._decoded.get(key)
-        if img is None:
+        hit = self._decoded.get(key)
+        # same message object, not just the same stamp: after a loop or clock reset stamps recur
+        if hit is not None and hit[0] is msg:
+            img = hit[1]
+        else:
             img = decode_image_msg(msg)
-            self._decoded[key] = img
+            self._decoded[key] = (msg, img)
             while len(self._decoded) > 40:   # 4 cameras x (4 frames + slack)
                 self._decoded.popitem(last=False)
         if hw is not None and img.shape[:2] != tuple(hw):
