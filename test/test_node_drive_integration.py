@@ -160,7 +160,6 @@ def test_replay_and_drive_processes_produce_sane_outputs_and_a_loop_resets(bag):
     assert "Traceback" not in log, log[-3000:]
 
     t0s = anchor_stamps(bag)
-    epoch_clip = {t % 10**9 for t in t0s}  # (loops replay the same stamps)
     traj, path, markers = probe.msgs("trajectory"), probe.msgs("path"), probe.msgs("markers")
     reasoning, latency = probe.msgs("reasoning"), probe.msgs("latency")
     # every output stamped with the t0 of its input window = an anchor camera frame stamp of the bag
@@ -170,7 +169,6 @@ def test_replay_and_drive_processes_produce_sane_outputs_and_a_loop_resets(bag):
     for name, s in stamps.items():
         assert set(s) <= t0s, f"{name} stamps are not input t0s: {sorted(set(s) - t0s)[:3]}"
     assert stamps["trajectory"] == stamps["path"] == stamps["reasoning"] == stamps["latency"] == stamps["markers"]
-    assert epoch_clip
     for m in traj:
         assert m.header.frame_id == "base_link" and abs(m.time_step - 0.1) < 1e-6
         assert len(m.time_from_start) == 64 and m.samples
