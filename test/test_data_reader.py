@@ -191,3 +191,12 @@ def test_without_a_labels_file_the_label_is_none_as_on_the_real_dataset(generate
     cache, revision, root = _copy(generated, tmp_path)
     shutil.rmtree(root / "labels/coc")
     assert WindowReader(cache, revision).read_window(clip, 2_000_000).label is None
+
+
+def test_a_reader_without_cameras_serves_ground_truth_only(reader, clip):
+    poses_only = WindowReader(reader.ds, cameras=())
+    assert poses_only.valid_t0_range(clip) == (1_500_000, int(SECONDS * 1e6) - 6_400_000)
+    expected = reader.trajectory(clip, 2_500_000)
+    for got, want in zip(poses_only.trajectory(clip, 2_500_000), expected):
+        np.testing.assert_array_equal(got, want)
+    assert poses_only.read_window(clip, 2_500_000).frames.shape[0] == 0

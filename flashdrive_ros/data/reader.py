@@ -163,8 +163,9 @@ class WindowReader:
         0.3 s of video before t0, 6.4 s of egomotion after it. (Alpamayo additionally asks t0 > 1.6 s.)"""
         state = self._clip(clip_id)
         ego_lo, ego_hi = (int(v) for v in state["ego"].time_range)
-        cam_lo = max(int(r.timestamps[0]) for r in state["video"].values())
-        cam_hi = min(int(r.timestamps[-1]) for r in state["video"].values())
+        # With no cameras (trajectory-only readers) only the egomotion limits the range.
+        cam_lo = max((int(r.timestamps[0]) for r in state["video"].values()), default=ego_lo)
+        cam_hi = min((int(r.timestamps[-1]) for r in state["video"].values()), default=ego_hi)
         lo = max(ego_lo + HISTORY_SPAN_US, cam_lo + FRAMES_SPAN_US)
         hi = min(ego_hi - FUTURE_SPAN_US, cam_hi)
         if lo > hi:
@@ -193,7 +194,10 @@ class WindowReader:
             frames.append(f)
             stamps.append(ts)
         hist_xyz, hist_rot, fut_xyz, fut_rot = self.trajectory(clip_id, t0_us)
-        return Window(clip_id=clip_id, t0_us=t0_us, frames=np.stack(frames), frame_timestamps_us=np.stack(stamps),
+        if not self.cameras:  # trajectory-only reader
+            frames, stamps = np.zeros((0, N_FRAMES, 0, 0, 3), np.uint8), np.zeros((0, N_FRAMES), np.int64)
+        return Window(clip_id=clip_id, t0_us=t0_us, frames=np.stack(frames) if len(frames) else frames,
+                      frame_timestamps_us=np.stack(stamps) if len(stamps) else stamps,
                       ego_history_xyz=hist_xyz, ego_history_rot=hist_rot, ego_future_xyz=fut_xyz,
                       ego_future_rot=fut_rot, label=self.label(clip_id, t0_us), camera_names=self.cameras)
 
