@@ -194,10 +194,11 @@ class WindowReader:
             frames.append(f)
             stamps.append(ts)
         hist_xyz, hist_rot, fut_xyz, fut_rot = self.trajectory(clip_id, t0_us)
-        if not self.cameras:  # trajectory-only reader
+        if self.cameras:
+            frames, stamps = np.stack(frames), np.stack(stamps)
+        else:  # trajectory-only reader
             frames, stamps = np.zeros((0, N_FRAMES, 0, 0, 3), np.uint8), np.zeros((0, N_FRAMES), np.int64)
-        return Window(clip_id=clip_id, t0_us=t0_us, frames=np.stack(frames) if len(frames) else frames,
-                      frame_timestamps_us=np.stack(stamps) if len(stamps) else stamps,
+        return Window(clip_id=clip_id, t0_us=t0_us, frames=frames, frame_timestamps_us=stamps,
                       ego_history_xyz=hist_xyz, ego_history_rot=hist_rot, ego_future_xyz=fut_xyz,
                       ego_future_rot=fut_rot, label=self.label(clip_id, t0_us), camera_names=self.cameras)
 
