@@ -133,6 +133,13 @@ def test_odometry_follows_egomotion(messages, dataset):
     speed = np.linalg.norm([[m.twist.twist.linear.x, m.twist.twist.linear.y, m.twist.twist.linear.z]
                             for _, m in odom[mid]], axis=1)
     np.testing.assert_allclose(speed, np.linalg.norm(state.velocity[mid], axis=1), atol=0.05)
+    # Angular velocity about base_link z equals the yaw rate seen between consecutive poses.
+    from scipy.spatial.transform import Rotation
+    yaw = np.unwrap(Rotation.from_quat(quat).as_euler("zyx")[:, 0])
+    yaw_rate = np.gradient(yaw, 0.02)
+    assert np.abs(yaw_rate).max() > 0.05, "seed 3 is a lane change: the clip must turn for this check"
+    w_z = np.array([m.twist.twist.angular.z for _, m in odom])
+    np.testing.assert_allclose(w_z[mid], yaw_rate[mid], atol=0.01)
 
 
 def test_ground_truth_is_the_future_in_the_ego_frame(messages, dataset):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import io
-import os
 import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -135,7 +134,6 @@ def _poses(ego, t_us: np.ndarray):
 def odometry_samples(ego, t_us: np.ndarray, h_us: int = 5_000):
     """Pose, body-frame linear and angular velocity at t_us. Velocities by central differences of the
     interpolated pose, so they are in base_link whatever frame the dataset's vx/vy/vz use."""
-    from scipy.spatial.transform import Rotation
     lo, hi = ego.time_range
     t_us = np.asarray(t_us, dtype=np.int64)
     ta, tb = np.maximum(t_us - h_us, lo), np.minimum(t_us + h_us, hi)
@@ -146,7 +144,6 @@ def odometry_samples(ego, t_us: np.ndarray, h_us: int = 5_000):
     v_world = (xb - xa) / dt[:, None]
     v_base = rot.inv().apply(v_world)
     w_base = (ra.inv() * rb).as_rotvec() / dt[:, None]
-    assert isinstance(rot, Rotation)
     return xyz, rot.as_quat(), v_base, w_base
 
 
