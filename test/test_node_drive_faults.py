@@ -226,3 +226,29 @@ def test_clip_boundary_resets_and_drops_the_old_clip_buffers(rig):
     # frames from before the boundary are not mixed into the new clip: the first window is 0.3 s after it
     assert not published(rig, t + 100_000) and not published(rig, t + 200_000)
     rig.advance(t + 400_000)
+
+
+class SlowEngine(h.KinematicEngine):
+    def step(self, *args):
+        import time
+        time.sleep(0.35)      # > 0.1 s window stride: the worker is always busy
+        return super().step(*args)
+
+
+def test_busy_worker_keeps_the_newest_window_and_counts_drops():
+    rig = h.Rig(engine_factory=SlowEngine.from_pretrained)
+    try:
+        rig.preroll()
+        for t in range(0, 2_000_001, 100_000):       # 10 Hz input without waiting for the node
+            rig.tick(t)
+        rig.wait_window(2_000_000, timeout=20)        # the newest window is always processed
+        stamps = rig.out.stamps("trajectory")
+        assert stamps[-1] == 2_000_000
+        assert 2 <= len(stamps) < 18                  # most of the 18 windows were skipped ...
+        dropped = rig.node.stats["dropped"]
+        assert dropped >= 18 - len(stamps) - 2        # ... and counted (a few may be superseded in sync)
+        assert [m.dropped_frames for m in rig.out.latency] == sorted(m.dropped_frames for m in rig.out.latency)
+        assert rig.out.latency[-1].dropped_frames == dropped
+        assert all(m.full_prefill for m in rig.out.latency)  # skipped windows break the stream: reset each time
+    finally:
+        rig.close()
