@@ -1,0 +1,400 @@
+"""Speculative reasoning with a DFlash block-diffusion drafter (flashdrive.md §4).
+
+Drafter
+    2 decoder layers of the target's shape (text_model.DecoderLayer), block size 8. It has no
+    embedding table and no LM head of its own: the frozen target `embed_tokens` / `lm_head` are passed
+    in at call time, so they are never part of the drafter's state dict. A learned MASK embedding
+    (initialised to the mean target embedding) fills the 7 positions after the anchor.
+    Conditioning: the target's hidden states of the last 8 positions before the anchor, taken from
+    chosen target layers and concatenated (tiny: layers 1,2,3; real 36-layer model: 24,30,31,32,34),
+    are fused by Linear + RMSNorm into context features. Every draft layer projects them with its own
+    k/v projections (+ k_norm, RoPE) and puts them IN FRONT of the block's K/V. Queries come only from
+    the block; attention is non-causal. The drafter is stateless: positions 0..7 (context) and 8..15
+    (block) every call, so every call has the same shapes (graph-capturable).
+
+Draft / verify loop (`speculative_decode`)
+    anchor = the last chosen, not yet fed token (the first one comes from the prefill logits).
+    1. draft: [anchor, MASK x 7] -> 7 draft tokens (greedy: argmax; sampling: drawn from the drafter's
+       filtered distribution q), trajectory ids masked as in sampling.py.
+    2. verify: the target runs [anchor, d1..d7] at slots [cur, cur + 8) of the static cache (q = 8).
+       Query j sees keys <= cur + j (valid length); nothing beyond the block is visible.
+    3. accept: greedy -> the longest prefix with d[j+1] == argmax posterior[j], plus the bonus
+       posterior[a]. Sampling -> lossless rejection sampling against the SAME filtered target
+       distribution the autoregressive path samples from (`target_probs`): accept d with
+       min(1, p/q), otherwise resample from normalise(max(p - q, 0)); all 7 accepted -> bonus from p.
+    4. slots of rejected drafts are zeroed (and stay masked: the next block starts right after the
+       accepted span, and masks keys past each query's own slot).
+    5. stop on <|cot_end|> inside the accepted span (truncate there) or at max_new_tokens (then
+       <|cot_end|> is appended, as the autoregressive path does); feed what is missing so that
+       <|cot_end|> and then <|traj_future_start|> have their K/V in the cache for the action expert.
+    Greedy output is token-for-token the autoregressive greedy output, whatever the drafter predicts.
+
+Save / load: `save_drafter(drafter, dir)` -> dir/drafter.safetensors + dir/drafter_config.json;
+`load_drafter(dir, target_model)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .rope import apply_rotary, mrope_cos_sin
+from .sampling import choose_next_token, nucleus
+from .text_model import DecoderLayer, RMSNorm
+
+BLOCK_SIZE = 8
+CONTEXT_LEN = 8
+REAL_TARGET_LAYERS = (24, 30, 31, 32, 34)  # flashdrive.md §4, for the 36-layer 1.5 text model
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "drafter.safetensors"
+
+
+def default_target_layers(num_target_layers: int) -> tuple[int, ...]:
+    """Target decoder layers (0-based) whose outputs condition the drafter."""
+    if num_target_layers == 36:
+        return REAL_TARGET_LAYERS
+    # Small targets: the last three layers, never layer 0 (it is barely more than the embedding).
+    return tuple(range(max(1, num_target_layers - 3), num_target_layers))
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    target_layers: tuple[int, ...]
+    num_layers: int = 2
+    block_size: int = BLOCK_SIZE
+    context_len: int = CONTEXT_LEN
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # the drafter's own 1-D RoPE (the target uses M-RoPE at 5e6)
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def for_target(cls, text_cfg, target_layers: tuple[int, ...] | None = None, **overrides) -> "DrafterConfig":
+        layers = tuple(target_layers) if target_layers is not None else default_target_layers(text_cfg.num_hidden_layers)
+        bad = [i for i in layers if not 0 <= i < text_cfg.num_hidden_layers]
+        if bad or not layers:
+            raise ValueError(f"target_layers {layers} must be non-empty and in [0, {text_cfg.num_hidden_layers})")
+        return cls(hidden_size=text_cfg.hidden_size, intermediate_size=text_cfg.intermediate_size,
+                   num_attention_heads=text_cfg.num_attention_heads,
+                   num_key_value_heads=text_cfg.num_key_value_heads, head_dim=text_cfg.head_dim,
+                   vocab_size=text_cfg.vocab_size, target_layers=layers, rms_norm_eps=text_cfg.rms_norm_eps,
+                   attention_bias=text_cfg.attention_bias, **overrides)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_layers"] = list(self.target_layers)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DrafterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown drafter config keys {sorted(unknown)}")
+        d = dict(d)
+        d["target_layers"] = tuple(d["target_layers"])
+        return cls(**d)
+
+
+class Drafter(nn.Module):
+    """DFlash drafter. Owns: fc, hidden_norm, layers, norm, mask_embedding (nothing of the target)."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        if cfg.block_size < 2 or cfg.context_len < 1:
+            raise ValueError("block_size must be >= 2 and context_len >= 1")
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(len(cfg.target_layers) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(h))
+        # Fixed positions: context 0..C-1, block C..C+B-1 (same every call). 1-D RoPE = M-RoPE with
+        # equal t/h/w positions, so the target's rotation helpers apply unchanged.
+        n = cfg.context_len + cfg.block_size
+        half = cfg.head_dim // 2
+        section = (half - 2 * (half // 3), half // 3, half // 3)
+        cos, sin = mrope_cos_sin(torch.arange(n).expand(3, -1), cfg.head_dim, cfg.rope_theta, section)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def for_target(cls, model, target_layers: tuple[int, ...] | None = None, seed: int | None = 0) -> "Drafter":
+        """A fresh (untrained) drafter shaped for `model` (an AlpamayoModel), on its device/dtype,
+        with the MASK embedding at the mean target embedding."""
+        cfg = DrafterConfig.for_target(model.cfg.text, target_layers)
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                drafter = cls(cfg)
+        else:
+            drafter = cls(cfg)
+        with torch.no_grad():
+            drafter.mask_embedding.copy_(model.language_model.embed_tokens.weight.float().mean(0))
+        return drafter.to(device=model.device, dtype=model.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def fuse_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Concatenated target hidden states [B, C, n_target_layers * H] -> context features [B, C, H]."""
+        return self.hidden_norm(self.fc(context))
+
+    def forward(self, block_embeds: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """block_embeds [B, S, H] (anchor + MASKs), context [B, C, n_target_layers * H] -> hidden [B, S, H]
+        after the final norm. S <= block_size, C == context_len."""
+        b, s, _ = block_embeds.shape
+        c = context.shape[1]
+        if c != self.cfg.context_len or s > self.cfg.block_size:
+            raise ValueError(f"context must hold {self.cfg.context_len} states (got {c}) and the block "
+                             f"at most {self.cfg.block_size} tokens (got {s})")
+        ctx = self.fuse_context(context.to(block_embeds.dtype))
+        cos, sin = self.rope_cos[:c + s], self.rope_sin[:c + s]
+        x = block_embeds
+        for layer in self.layers:
+            attn = layer.self_attn
+
+            def attention(normed: torch.Tensor, attn=attn) -> torch.Tensor:
+                q, k, v = attn.project(normed)  # block queries / keys / values
+                kc = attn.k_norm(attn.k_proj(ctx).view(b, c, attn.n_kv, attn.head_dim)).transpose(1, 2)
+                vc = attn.v_proj(ctx).view(b, c, attn.n_kv, attn.head_dim).transpose(1, 2)
+                keys = apply_rotary(torch.cat([kc, k], dim=2), cos, sin)
+                values = torch.cat([vc, v], dim=2)
+                # No mask: every block token sees the whole context and the whole block (non-causal).
+                return attn.attend(apply_rotary(q, cos[c:], sin[c:]), keys, values, None)
+
+            x = layer(x, attention)
+        return self.norm(x)
+
+    def block_embeds(self, anchor_embeds: torch.Tensor) -> torch.Tensor:
+        """anchor embeddings [B, H] -> [B, block_size, H] = [anchor, MASK x (block_size - 1)]."""
+        b, h = anchor_embeds.shape
+        mask = self.mask_embedding.to(anchor_embeds.dtype).expand(b, self.cfg.block_size - 1, h)
+        return torch.cat([anchor_embeds[:, None], mask], dim=1)
+
+    def draft_logits(self, model, anchor_ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """anchor ids [B] + context [B, C, n*H] -> float32 logits [B, block_size - 1, V] for the tokens
+        after the anchor, through the target's frozen embedding and lm_head."""
+        hidden = self(self.block_embeds(model.embed(anchor_ids)), context)
+        return model.logits(hidden[:, 1:])
+
+
+def context_features(captured: dict[int, torch.Tensor], target_layers: tuple[int, ...]) -> torch.Tensor:
+    """TextModel capture dict {layer: [B, Q, H]} -> [B, Q, n_layers * H] in target_layers order."""
+    missing = [i for i in target_layers if i not in captured]
+    if missing:
+        raise ValueError(f"target layers {missing} were not captured")
+    return torch.cat([captured[i] for i in target_layers], dim=-1)
+
+
+# ---------------------------------------------------------------------------------- save / load
+def save_drafter(drafter: Drafter, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write drafter.safetensors (float32 on CPU) + drafter_config.json (+ optional `extra` notes)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in drafter.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME))
+    meta = {"drafter": drafter.cfg.to_json()}
+    if extra:
+        meta["notes"] = extra
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def has_drafter(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
+
+
+def load_drafter(directory: str | Path, model) -> Drafter:
+    """Load a saved drafter for `model` (checks that it was built for the same target shape)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not has_drafter(directory):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME} + {WEIGHTS_NAME}")
+    cfg = DrafterConfig.from_json(json.loads((directory / CONFIG_NAME).read_text())["drafter"])
+    t = model.cfg.text
+    if (cfg.hidden_size, cfg.vocab_size) != (t.hidden_size, t.vocab_size) or max(cfg.target_layers) >= t.num_hidden_layers:
+        raise ValueError(f"drafter in {directory} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, layers "
+                         f"{cfg.target_layers}) does not fit the target (hidden {t.hidden_size}, vocab "
+                         f"{t.vocab_size}, {t.num_hidden_layers} layers)")
+    drafter = Drafter(cfg)
+    drafter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+    return drafter.to(device=model.device, dtype=model.dtype).eval()
+
+
+# ---------------------------------------------------------------------------------- sampling
+def target_probs(logits: torch.Tensor, traj_start: int, traj_vocab_size: int, temperature: float,
+                 top_p: float) -> torch.Tensor:
+    """The distribution `choose_next_token` samples from, as full vectors: logits [N, V] -> probs [N, V].
+
+    softmax(logits / T) -> top-p nucleus (before the trajectory mask) -> trajectory ids removed ->
+    renormalised; a nucleus of only trajectory ids falls back to the most likely other token.
+    """
+    logits = logits.float()
+    traj_end = traj_start + traj_vocab_size
+    probs = (logits / temperature).softmax(dim=-1)
+    vals, ids, keep = nucleus(probs, top_p)
+    keep &= (ids < traj_start) | (ids >= traj_end)
+    weights = torch.where(keep, vals, torch.zeros_like(vals))
+    out = torch.zeros_like(probs).scatter(-1, ids, weights)
+    empty = ~keep.any(dim=-1)
+    if bool(empty.any()):
+        fallback = choose_next_token(logits[empty], traj_start, traj_vocab_size)
+        out[empty] = 0.0
+        out[empty.nonzero()[:, 0], fallback] = 1.0
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Lossless verification of one drafted block (speculative sampling).
+
+    p [n+1, V]: target distributions at the n draft positions and the bonus position;
+    q [n, V]: draft distributions the n draft tokens `draft` [n] were drawn from.
+    Returns (a, token): the first a drafts are accepted and `token` follows them (resampled from
+    normalise(max(p - q, 0)) at the first rejection, or drawn from p[n] when all n are accepted).
+    The emitted sequence is distributed exactly as sampling token by token from p.
+    """
+    n = draft.numel()
+    idx = torch.arange(n)
+    p_d, q_d = p[idx, draft], q[idx, draft]
+    u = torch.rand(n, generator=generator)
+    rejected = (u * q_d >= p_d).nonzero()  # accept iff u < p/q  (q_d > 0: the draft was drawn from q)
+    if rejected.numel() == 0:
+        return n, int(torch.multinomial(p[n], 1, generator=generator))
+    a = int(rejected[0, 0])
+    residual = (p[a] - q[a]).clamp_min(0.0)
+    if float(residual.sum()) <= 0.0:  # p == q: a rejection has probability 0; guard rounding anyway
+        residual = p[a]
+    return a, int(torch.multinomial(residual, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------------- decode loop
+@dataclass
+class SpeculativeResult:
+    tokens: list[int]                 # generated ids, ending with <|cot_end|> (appended if the budget ran out)
+    num_generated: int                # ids the model produced (the appended <|cot_end|> excluded)
+    forward_passes: int               # target LM forwards in decode (verify blocks + final single feeds)
+    verify_passes: int                # q = 8 verification forwards
+    n_ctx: int                        # slots [0, n_ctx) hold the context up to and incl. <|traj_future_start|>
+    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verify pass (incl. bonus)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification pass (accepted drafts + the bonus token; max block size)."""
+        return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
+
+
+@torch.no_grad()
+def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tensor, context: torch.Tensor,
+                       start: int, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                       generator: torch.Generator | None = None) -> SpeculativeResult:
+    """Reasoning decode from cache slot `start` with draft + verify (batch 1).
+
+    first_logits [1, V]: the prefill's last-position logits. context [1, >= C, n*H]: concatenated
+    captured target hidden states (drafter.cfg.target_layers) of the positions before `start`; the last
+    C are used. `ids`: TokenIds (cot_end, traj_future_start, traj_start, traj_vocab_size).
+    The cache needs max_len >= start + max_new_tokens + block_size. Sampling uses `generator` (CPU).
+    """
+    cfg = drafter.cfg
+    block, n_draft = cfg.block_size, cfg.block_size - 1
+    cot_end, tfs = ids.cot_end, ids.traj_future_start
+    traj_start, traj_size = ids.traj_start, ids.traj_vocab_size
+    if cache.batch != 1:
+        raise ValueError("speculative_decode decodes one chain of causation (cache batch 1)")
+    if context.shape[1] < cfg.context_len:
+        raise ValueError(f"need {cfg.context_len} context states, got {context.shape[1]}")
+    max_len = cache.max_len
+    if start + max_new_tokens + block > max_len:
+        raise ValueError(f"cache max_len {max_len} < start {start} + max_new_tokens {max_new_tokens} + block {block}")
+    device, dtype = model.device, model.dtype
+    lm = model.language_model
+    keys = torch.arange(max_len, device=device)
+    neg = torch.finfo(dtype).min
+    offsets = torch.arange(block, device=device)
+    sampling = temperature > 0.0
+
+    def choose(logits: torch.Tensor) -> int:
+        if not sampling:
+            return int(choose_next_token(logits, traj_start, traj_size)[0])
+        return int(choose_next_token(logits.float().cpu(), traj_start, traj_size, temperature, top_p,
+                                     generator=generator)[0])
+
+    def forward(token_ids: torch.Tensor, slot: int):
+        """Target forward of token_ids [Q] at slots [slot, slot + Q); query j sees keys <= slot + j."""
+        slots = slot + offsets[:token_ids.numel()]
+        mask = torch.where(keys[None, :] <= slots[:, None], 0.0, neg).to(dtype)[None, None]
+        hidden, cap = lm(model.embed(token_ids[None]), cache, slots, mask, max_len,
+                         capture_layers=cfg.target_layers)
+        return model.logits(hidden[0]), context_features(cap, cfg.target_layers)
+
+    ctx = context[:, -cfg.context_len:].to(dtype)
+    generated = [choose(first_logits)]
+    cur = start                      # slot of the anchor = generated[-1], not yet in the cache
+    passes, accept_lengths = 0, []
+    bonus_pending = True             # generated[-1] still has to be fed
+    done = generated[-1] == cot_end or len(generated) >= max_new_tokens
+    while not done:
+        anchor = torch.tensor([generated[-1]], device=device)
+        d_logits = drafter.draft_logits(model, anchor, ctx)[0]                      # [7, V]
+        if sampling:
+            q = target_probs(d_logits.cpu(), traj_start, traj_size, temperature, top_p)
+            draft = torch.multinomial(q, 1, generator=generator)[:, 0]
+        else:
+            draft = choose_next_token(d_logits, traj_start, traj_size).cpu()
+        block_ids = torch.cat([anchor, draft.to(device)])
+        logits, feats = forward(block_ids, cur)                                    # [8, V], [1, 8, n*H]
+        passes += 1
+        if sampling:
+            p = target_probs(logits.cpu(), traj_start, traj_size, temperature, top_p)
+            a, bonus = rejection_sample(p, q, draft, generator)
+        else:
+            posterior = choose_next_token(logits, traj_start, traj_size).cpu()
+            match = (draft == posterior[:n_draft]).long()
+            a = int(match.cumprod(0).sum())
+            bonus = int(posterior[a])
+        new = draft[:a].tolist() + [bonus]
+        # Emit in order; stop at <|cot_end|> or the budget exactly where the token-by-token loop would.
+        emitted = 0
+        for tok in new:
+            generated.append(tok)
+            emitted += 1
+            if tok == cot_end or len(generated) >= max_new_tokens:
+                done = True
+                break
+        accept_lengths.append(emitted)
+        # Slots cur..cur+kept-1 hold the anchor and the kept drafts; the rest of the block is rejected.
+        kept = 1 + min(a, emitted)
+        bonus_pending = emitted == a + 1          # the last emitted token is the bonus (not in the cache)
+        if kept < block:
+            cache.clear(cur + offsets[kept:])
+        ctx = torch.cat([ctx, feats[:, :kept]], dim=1)[:, -cfg.context_len:]
+        cur += kept
+
+    # Close the reasoning exactly like the autoregressive path: the last token, <|cot_end|> if the
+    # budget ran out, then <|traj_future_start|>, each with its K/V in the cache.
+    num_generated = len(generated)
+    tail = [generated[-1]] if bonus_pending else []
+    if generated[-1] != cot_end:
+        generated.append(cot_end)
+        tail.append(cot_end)
+    tail.append(tfs)
+    for tok in tail:
+        forward(torch.tensor([tok], device=device), cur)
+        cur += 1
+    return SpeculativeResult(tokens=generated, num_generated=num_generated, forward_passes=passes + len(tail),
+                             verify_passes=passes, n_ctx=cur, accept_lengths=accept_lengths)
