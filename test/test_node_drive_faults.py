@@ -252,3 +252,17 @@ def test_busy_worker_keeps_the_newest_window_and_counts_drops():
         assert all(m.full_prefill for m in rig.out.latency)  # skipped windows break the stream: reset each time
     finally:
         rig.close()
+
+
+def test_windows_older_than_max_frame_age_are_skipped():
+    # the rig's stamps are in 2023 while the node clock is wall time: every window is far too old
+    rig = h.Rig(engine_factory=h.KinematicEngine.from_pretrained, max_frame_age_ms=500.0)
+    try:
+        rig.preroll()
+        for t in range(0, 500_001, 100_000):
+            rig.tick(t)
+        rig.wait_window(500_000)
+        assert rig.node.stats["stale"] >= 1 and rig.out.trajectory == []
+        assert_diag(rig, "stale: t0 is", "max_frame_age_ms 500")
+    finally:
+        rig.close()
