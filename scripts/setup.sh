@@ -40,6 +40,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ -f scripts/build_ros.sh ]; then
-  bash scripts/build_ros.sh
+  bash scripts/build_ros.sh --no-install
 fi
 say "ready: . .venv/bin/activate && . install/setup.sh"
