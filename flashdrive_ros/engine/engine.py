@@ -69,8 +69,9 @@ class StepResult:
     num_tokens: int                 # generated reasoning tokens (incl. <|cot_end|> when the model emitted it)
     timings_ms: dict[str, float]    # preprocess, encode, prefill, decode, action, total
     full_prefill: bool              # True: all 16 frames were encoded and prefilled
-    verify_passes: int              # LM forward passes in the decode stage
-    tokens_per_pass: float          # num_tokens / verify_passes (1.0-ish without speculation)
+    verify_passes: int              # token-producing target passes: = num_tokens without speculation,
+                                    # q=8 verification forwards with it
+    tokens_per_pass: float          # mean tokens per verify pass (tau); 1.0 without speculation
     t0_us: int
     token_ids: list[int] = field(default_factory=list)  # generated ids (for tests / evaluation)
 
@@ -161,9 +162,9 @@ class DriveEngine:
                  temperature: float = 0.0, top_p: float = 0.98, seed: int = 0,
                  stream_min_gap_us: int = 50_000, stream_max_gap_us: int = 150_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
-                 weights_description: str = ""):
-        if speculative:
-            raise NotImplementedError("speculative=True needs engine/speculative.py (issue 6), not available yet")
+                 drafter=None, weights_description: str = ""):
+        if speculative and drafter is None:
+            raise ValueError("speculative=True needs a drafter (speculative.Drafter); from_pretrained finds or builds one")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if max_new_tokens < 1:
@@ -193,6 +194,11 @@ class DriveEngine:
         self.shift_mode = shift_mode
         self.diffusion_temperature = float(diffusion_temperature)
         self.weights_description = weights_description
+        self.speculative = bool(speculative)
+        self.drafter = drafter.to(device=self.device, dtype=self.dtype).eval() if speculative else None
+        # The drafter is conditioned on captured target hidden states of the last prompt positions.
+        self._capture_layers = tuple(self.drafter.cfg.target_layers) if self.speculative else ()
+        self._context: torch.Tensor | None = None
         self._hist_kwargs = history_kwargs(self.cfg.hist_tokenizer)
         self.action_space = UnicycleActionSpace(self.cfg.action_space)
         if self.action_space.n_waypoints != N_WAYPOINTS:
@@ -225,7 +231,23 @@ class DriveEngine:
             net = load_model(directory, dtype, device)
             desc = f"checkpoint {directory}"
         tokenizer = load_tokenizer(directory, net.cfg.traj_token_start_idx, net.cfg.traj_vocab_size)
+        if kwargs.get("speculative") and kwargs.get("drafter") is None:
+            kwargs["drafter"], drafter_desc = cls._find_drafter(directory, net, seed)
+            desc += f"; drafter: {drafter_desc}"
         return cls(net, tokenizer, weights_description=desc, **kwargs)
+
+    @staticmethod
+    def _find_drafter(directory: Path, model, seed: int):
+        """A saved DFlash drafter in <checkpoint> or <checkpoint>/drafter; for the tiny preset without
+        one, a random drafter (greedy speculative output is still exactly the autoregressive output)."""
+        from .speculative import Drafter, has_drafter, load_drafter
+
+        for d in (directory, directory / "drafter"):
+            if has_drafter(d):
+                return load_drafter(d, model), f"{d}"
+        if directory == TINY_DIR:
+            return Drafter.for_target(model, seed=seed), f"random (Drafter.for_target(seed={seed}))"
+        raise FileNotFoundError(f"speculative=True but no drafter in {directory} or {directory / 'drafter'}")
 
     # ------------------------------------------------------------------ stream state
     def reset(self) -> None:
@@ -275,15 +297,41 @@ class DriveEngine:
     # ------------------------------------------------------------------ step
     @torch.no_grad()  # not inference_mode: the cache must stay writable outside step() (reset, tests)
     def step(self, frames, t0_us, ego_history_xyz, ego_history_rot) -> StepResult:
+        """One window -> StepResult (see docs/DESIGN.md "Engine API")."""
         frames, t0_us, hist_xyz, hist_rot = validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot)
         timer = StageTimer(self.device)
-        h, w = frames.shape[2:4]
+        logits, playout, streamed = self.prefill(frames, t0_us, hist_xyz, timer)
+        gen = self._make_generator(t0_us)
+        with timer.stage("decode"):
+            tokens, n_generated, passes, n_ctx, per_pass = self.decode(logits, playout.length, gen)
+        with timer.stage("action"):
+            xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
+        if self.streaming:
+            with timer.stage("prefill"):  # cache maintenance for the next window's prefill
+                self.shift()
+            self._last_t0 = t0_us
+        timings = timer.finish()
+        reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
+        return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
+                          timings_ms=timings, full_prefill=not streamed, verify_passes=passes,
+                          tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens)
 
+    # ------------------------------------------------------------------ public building blocks
+    @torch.no_grad()
+    def prefill(self, frames: np.ndarray, t0_us: int, hist_xyz: np.ndarray,
+                timer: StageTimer | None = None) -> tuple[torch.Tensor, PromptLayout, bool]:
+        """Preprocess + encode + prefill one window (streaming when the stream continues, else full).
+
+        Returns (logits of the last prompt token [1, V] float32, PromptLayout, streamed). Decode then
+        starts at slot `layout.length`. Does not shift: call `shift()` after the window is done.
+        """
+        timer = timer or StageTimer(self.device)
+        h, w = frames.shape[2:4]
         with timer.stage("preprocess"):
             n_img_tok = tokens_per_image(h, w, self.cfg.min_pixels, self.cfg.max_pixels,
                                          self.cfg.vision.patch_size, self.cfg.vision.spatial_merge_size)
-            history_ids = encode_history(torch.from_numpy(hist_xyz).float(), self.ids.history_start,
-                                         **self._hist_kwargs)
+            history_ids = encode_history(torch.as_tensor(np.asarray(hist_xyz, dtype=np.float64)).float(),
+                                         self.ids.history_start, **self._hist_kwargs)
             ids, playout = self._prompt(n_img_tok, history_ids)
             stream = self._continues_stream(t0_us)
             if stream:
@@ -296,47 +344,54 @@ class DriveEngine:
                                                  self.cfg.vision.patch_size, self.cfg.vision.temporal_patch_size,
                                                  self.cfg.vision.spatial_merge_size, device=self.device)
             ids = ids.to(self.device)
-
         with timer.stage("encode"):
             feats = self.model.encode_images(pixels, grid_thw.to(self.device))
-
         with timer.stage("prefill"):
             if stream:
                 last_hidden = self._streaming_prefill(ids, feats)
             else:
                 last_hidden = self._full_prefill(ids, playout, feats, grid_thw)
             logits = self.model.logits(last_hidden)
+        return logits, playout, stream
 
-        gen = self._make_generator(t0_us)
-        with timer.stage("decode"):
-            tokens, n_generated, passes, n_ctx = self._decode(logits, playout.length, gen)
+    @torch.no_grad()
+    def decode(self, logits: torch.Tensor, start: int, gen: torch.Generator | None = None):
+        """Reasoning from slot `start` (token by token, or draft + verify when speculative).
 
-        with timer.stage("action"):
-            xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
+        Leaves <|cot_end|><|traj_future_start|> in the cache. Returns (ids incl. <|cot_end|>,
+        number the model generated, verify passes, n_ctx for the expert, tokens per verify pass).
+        """
+        if not self.speculative:
+            # One target pass per emitted token (the prefill gives the first): tau = 1 by definition.
+            tokens, n_generated, _forwards, n_ctx = self._decode(logits, start, gen)
+            return tokens, n_generated, n_generated, n_ctx, 1.0
+        from .speculative import speculative_decode
 
-        if self.streaming:
-            with timer.stage("prefill"):  # cache maintenance for the next window's prefill
-                self.cache.shift(*self._shift)
-            self._last_t0 = t0_us
-        timings = timer.finish()
-        reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
-        return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
-                          timings_ms=timings, full_prefill=not stream, verify_passes=passes,
-                          tokens_per_pass=n_generated / max(passes, 1), t0_us=t0_us, token_ids=tokens)
+        res = speculative_decode(self.model, self.drafter, self.cache, logits, self._context, start, self.ids,
+                                 self.max_new_tokens, self.temperature, self.top_p, generator=gen)
+        return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau
+
+    def shift(self) -> None:
+        """Move frames 1..3 of every view onto frames 0..2 (one index copy over all layers)."""
+        if self.layout is None:
+            raise RuntimeError("shift() before the first full prefill of the stream")
+        self.cache.shift(*self._shift)
 
     # ------------------------------------------------------------------ stages
     def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
         """All prompt tokens at slots [0, L), causal. Freezes the streaming layout. Returns hidden [1, H]."""
         length = playout.length
-        max_len = length + self.max_new_tokens + 2  # + forced <|cot_end|> + <|traj_future_start|>
+        # + forced <|cot_end|> + <|traj_future_start|>; speculation may verify a whole block past the budget
+        max_len = length + self.max_new_tokens + max(2, self.drafter.cfg.block_size if self.speculative else 0)
         positions, _ = rope_index(ids.cpu(), grid_thw.cpu(), self.ids.image_pad, self.cfg.vision.spatial_merge_size)
         self._ensure_cache(max_len, extend_positions(positions, max_len))
         visual = ids == self.ids.image_pad
         embeds = self._embed_with_images(ids, visual, feats)
         slots = torch.arange(length, device=self.device)
-        hidden, _ = self.model.language_model(
+        hidden, captured = self.model.language_model(
             embeds, self.cache, slots, causal_mask(slots, length, self.dtype), length,
-            visual_pos_mask=visual, deepstack=feats.deepstack)
+            visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
+        self._keep_context(captured)
         if self.streaming:
             self.layout = self.streaming_layout(playout)
             self._query_slots = self.layout.streaming_query_slots().to(self.device)
@@ -349,10 +404,18 @@ class DriveEngine:
         q_ids = ids[self._query_slots]
         visual = q_ids == self.ids.image_pad
         embeds = self._embed_with_images(q_ids, visual, feats)
-        hidden, _ = self.model.language_model(
+        hidden, captured = self.model.language_model(
             embeds, self.cache, self._query_slots, self._stream_mask, self.layout.prefill_len,
-            visual_pos_mask=visual, deepstack=feats.deepstack)
+            visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
+        self._keep_context(captured)
         return hidden[:, -1]
+
+    def _keep_context(self, captured: dict) -> None:
+        """Drafter context: captured target states of the last prompt positions (the tail's end)."""
+        if self.speculative:
+            from .speculative import context_features
+
+            self._context = context_features(captured, self._capture_layers)[:, -self.drafter.cfg.context_len:]
 
     def _embed_with_images(self, ids: torch.Tensor, visual: torch.Tensor, feats) -> torch.Tensor:
         n_vis = int(visual.sum())
