@@ -161,3 +161,28 @@ def test_causal_mask_valid_length():
     m = causal_mask(torch.tensor([3, 5]), 8)[0, 0]
     assert (m[0, :4] == 0).all() and (m[0, 4:] < 0).all()
     assert (m[1, :6] == 0).all() and (m[1, 6:] < 0).all()
+
+
+def test_layout_of_the_real_driving_prompt():
+    """The 1.5 prompt built with the tiny tokenizer: PromptLayout ranges == vision id matching."""
+    from flashdrive_ros.engine.loader import TINY_DIR
+    from flashdrive_ros.engine.prompt import build_prompt
+    from flashdrive_ros.engine.tokens import TokenIds, load_tokenizer
+
+    tok = load_tokenizer(TINY_DIR, 1024)
+    ids_table = TokenIds.from_tokenizer(tok, 1024)
+    ids, playout = build_prompt(tok, ids_table, (0, 1, 2, 6), 4, n_image_tokens=5)
+    lay = StreamingLayout.from_prompt_layout(playout)
+    by_ids = StreamingLayout.from_ids(ids, ids_table.vision_start, ids_table.vision_end, 4, 4,
+                                      prefix_len=playout.label_ranges[0][0])
+    assert lay.frame_slots == by_ids.frame_slots and lay.tail == by_ids.tail
+    assert lay.prefill_len == len(ids) and lay.frame_size == 7  # vs + 5 image tokens + ve
+    for v in range(4):
+        for f in range(4):
+            s, e = lay.frame_slots[v][f]
+            assert ids[s] == ids_table.vision_start and ids[e - 1] == ids_table.vision_end
+            lab = ids[slice(*lay.label_slots[v][f])]
+            assert len(lab) > 0 and not (lab == ids_table.image_pad).any()  # "frame k " text
+    # The tail holds the 48 history placeholders and ends with <|cot_start|>.
+    tail = ids[slice(*lay.tail)]
+    assert int((tail == ids_table.traj_history).sum()) == 48 and tail[-1] == ids_table.cot_start

@@ -254,7 +254,6 @@ class DriveEngine:
         """Forget the stream: the next step runs a full prefill of all 16 frames."""
         self.layout: StreamingLayout | None = None
         self._last_t0: int | None = None
-        self._prompt_layout: PromptLayout | None = None
         if self.cache is not None:
             self.cache.clear()
 
@@ -278,15 +277,8 @@ class DriveEngine:
 
     @staticmethod
     def streaming_layout(layout: PromptLayout) -> StreamingLayout:
-        """Frozen streaming slot ranges from a PromptLayout (labels = text in front of each frame)."""
-        labels = []
-        for v, view in enumerate(layout.slots):
-            lab_v, prev_end = [], layout.label_ranges[v][0]
-            for start, end in view:
-                lab_v.append((prev_end, start))
-                prev_end = end
-            labels.append(tuple(lab_v))
-        return StreamingLayout(tuple(tuple(v) for v in layout.slots), tuple(labels), layout.tail, layout.length)
+        """Frozen streaming slot ranges of a prompt (see StreamingLayout.from_prompt_layout)."""
+        return StreamingLayout.from_prompt_layout(layout)
 
     def _ensure_cache(self, max_len: int, positions: torch.Tensor) -> None:
         if self.cache is None or self.cache.max_len != max_len:

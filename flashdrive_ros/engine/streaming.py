@@ -135,6 +135,19 @@ class StreamingLayout:
         n = int(ids_t.numel())
         return cls(tuple(frames), tuple(labels), (prev_end, n), n)
 
+    @classmethod
+    def from_prompt_layout(cls, layout) -> "StreamingLayout":
+        """From prompt.PromptLayout: frame blocks = `slots`, label of frame f = the text between the
+        previous block (or the view's label start) and the frame's `<|vision_start|>`."""
+        labels = []
+        for v, view in enumerate(layout.slots):
+            lab_v, prev_end = [], layout.label_ranges[v][0]
+            for start, end in view:
+                lab_v.append((prev_end, start))
+                prev_end = end
+            labels.append(tuple(lab_v))
+        return cls(tuple(tuple(view) for view in layout.slots), tuple(labels), tuple(layout.tail), layout.length)
+
     # ----------------------------------------------------------------- derived quantities
     @property
     def n_views(self) -> int:
