@@ -29,7 +29,6 @@ Randomness (token sampling at temperature > 0, flow noise) comes from generators
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
