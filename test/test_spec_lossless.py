@@ -54,7 +54,7 @@ def prefill(model, prompt, max_len, capture=()):
     with torch.no_grad():
         hidden, cap = model.language_model(model.embed(prompt[None]), cache, slots,
                                            causal_mask(slots, len(prompt)), len(prompt), capture_layers=capture)
-    return cache, model.logits(hidden[:, -1]), cap
+        return cache, model.logits(hidden[:, -1]), cap
 
 
 @torch.no_grad()
