@@ -180,3 +180,33 @@ def test_budget_inside_a_block_and_first_token_stop(target):
         ref, n_ctx, _, res, _ = run_pair(model, ids, oracle_factory(0.0, 0), 3, max_new=max_new)
         assert res.tokens == ref and res.n_ctx == n_ctx
         assert res.num_generated <= max_new
+
+
+class GarbageClearCache(StaticKVCache):
+    """A cache whose clear() writes large random values instead of zeros: only the valid-length mask
+    can then keep rejected slots out of attention."""
+
+    def clear(self, slots=None):
+        slots = torch.arange(self.max_len) if slots is None else slots
+        for t in (self.k, self.v, self.k_rot):
+            t[:, :, :, slots] = 50.0 * torch.randn_like(t[:, :, :, slots])
+
+
+@pytest.mark.parametrize("prompt_seed", range(2))
+def test_rejected_and_unused_slots_are_never_visible(target, prompt_seed):
+    model, ids = target
+    ref, n_ctx, _, _, _ = run_pair(model, ids, oracle_factory(0.3, prompt_seed), prompt_seed)
+    g = torch.Generator().manual_seed(prompt_seed)
+    prompt = torch.randint(0, 1000, (PROMPT_LEN,), generator=g)
+    max_len = PROMPT_LEN + MAX_NEW + 8 + 2
+    drafter = oracle_factory(0.3, prompt_seed)(model, prompt, ref, Drafter.for_target(model).cfg.target_layers)
+    layers = drafter.cfg.target_layers
+    clean, logits, cap = prefill(model, prompt, max_len, layers)
+    dirty = GarbageClearCache(clean.n_layers, 1, clean.n_kv_heads, max_len, clean.head_dim, clean.positions,
+                              clean.rope_theta, clean.mrope_section)
+    for name in ("k", "v", "k_rot"):
+        getattr(dirty, name).copy_(getattr(clean, name))
+    dirty.clear(torch.arange(PROMPT_LEN, max_len))  # garbage in every slot past the prompt, too
+    res = speculative_decode(model, drafter, dirty, logits, context_features(cap, layers), PROMPT_LEN, ids, MAX_NEW)
+    assert any(a < 8 for a in res.accept_lengths)  # there were rejected slots
+    assert res.tokens == ref and res.n_ctx == n_ctx

@@ -233,6 +233,11 @@ class DriveEngine:
         if kwargs.get("speculative") and kwargs.get("drafter") is None:
             kwargs["drafter"], drafter_desc = cls._find_drafter(directory, net, seed)
             desc += f"; drafter: {drafter_desc}"
+        elif isinstance(kwargs.get("drafter"), (str, Path)):  # drafter= a saved drafter directory
+            from .speculative import load_drafter
+
+            desc += f"; drafter: {kwargs['drafter']}"
+            kwargs["drafter"] = load_drafter(kwargs["drafter"], net)
         return cls(net, tokenizer, weights_description=desc, **kwargs)
 
     @staticmethod
@@ -241,7 +246,9 @@ class DriveEngine:
         one, a random drafter (greedy speculative output is still exactly the autoregressive output)."""
         from .speculative import Drafter, has_drafter, load_drafter
 
-        for d in (directory, directory / "drafter"):
+        # the tiny preset's trained drafter ships beside it in assets/tiny_dflash
+        extra = (TINY_DIR.parent / "tiny_dflash",) if directory == TINY_DIR else ()
+        for d in (directory, directory / "drafter", *extra):
             if has_drafter(d):
                 return load_drafter(d, model), f"{d}"
         if directory == TINY_DIR:
