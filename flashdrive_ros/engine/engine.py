@@ -444,7 +444,8 @@ class DriveEngine:
             nonlocal slot, passes
             slots = torch.tensor([slot], device=self.device)
             mask = torch.where(keys <= slot, 0.0, neg).to(self.dtype).view(1, 1, 1, max_len)
-            hidden, _ = lm(self.model.embed(slots.new_tensor([[token]])), self.cache, slots, mask, max_len)
+            # embed_tokens directly: the id comes from our own sampler (model.embed's range check syncs)
+            hidden, _ = lm(lm.embed_tokens(slots.new_tensor([[token]])), self.cache, slots, mask, max_len)
             slot += 1
             passes += 1
             return self.model.logits(hidden[:, -1])
