@@ -9,8 +9,9 @@ With --procedural, or when the data package cannot be used, frames are drawn pro
 
 Per window it prints: stream state (full prefill or streaming), the reasoning text, the first 3
 waypoints of sample 0, and the per-stage latencies. It states whether the weights are random or
-loaded from a checkpoint: the tiny preset without a shipped checkpoint has random weights, so its
-reasoning text is gibberish and its trajectories are not meaningful — the demo shows the machinery.
+loaded from a checkpoint: "tiny" loads the trained tiny checkpoint shipped in flashdrive_ros/assets/tiny
+(trained on synthetic clips only) and falls back to random weights when none ships; random weights give
+gibberish reasoning and meaningless trajectories — the demo then shows only the machinery.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, device=args.device, dtype=args.dtype, streaming=not args.baseline, flow_schedule=args.flow,
         num_samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     print(f"model: {args.model}  weights: {engine.weights_description}")
-    if "random" in engine.weights_description:
+    if "random tiny weights" in engine.weights_description:
         print("NOTE: the weights are RANDOM (untrained): reasoning text is gibberish and trajectories are not "
               "driving behaviour; this run demonstrates the streaming / decode / flow machinery and its timings.")
     print(f"pipeline: {'baseline (full prefill every window)' if args.baseline else 'streaming'}, "

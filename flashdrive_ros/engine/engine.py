@@ -221,14 +221,15 @@ class DriveEngine:
             has_weights = (directory / "config.json").is_file() and any(directory.glob("model*.safetensors"))
             if has_weights:
                 net = load_model(directory, dtype, device)
-                desc = f"checkpoint {directory}"
+                desc = f"trained tiny checkpoint {directory}"
             else:
                 net = create_tiny(seed).to(device=device, dtype=dtype)
                 desc = f"random tiny weights (create_tiny(seed={seed}), nothing trained)"
         else:
             directory = Path(model)
             net = load_model(directory, dtype, device)
-            desc = f"checkpoint {directory}"
+            logs = [n for n in ("train_summary.json", "finetune_log.jsonl", "train_log.jsonl") if (directory / n).is_file()]
+            desc = f"checkpoint {directory}" + (f" (trained: {', '.join(logs)})" if logs else " (provenance not recorded)")
         tokenizer = load_tokenizer(directory, net.cfg.traj_token_start_idx, net.cfg.traj_vocab_size)
         if kwargs.get("speculative") and kwargs.get("drafter") is None:
             kwargs["drafter"], drafter_desc = cls._find_drafter(directory, net, seed)
