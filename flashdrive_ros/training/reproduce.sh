@@ -7,6 +7,8 @@
 set -euo pipefail
 WORK=${1:?workdir}; CKPT=${2:?checkpoint output dir}; MINUTES=${3:-5.5}; JOBS=${4:-12}; STEPS=${5:-100000}
 PY=${PYTHON:-python3}
+# Optional: INIT=checkpoint dir to continue from (stage 2), LR=peak learning rate (default 2e-3).
+INIT_ARGS=(); [ -n "${INIT:-}" ] && INIT_ARGS=(--init "$INIT")
 mkdir -p "$WORK/logs"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 gen() { $PY -m flashdrive_ros.data.generate --out "$WORK/$1" --clips "$2" --seconds 20 --width 320 --height 180 \
@@ -19,6 +21,7 @@ wait
 echo "data + caches: $(( $(date +%s) - t )) s"
 $PY -m flashdrive_ros.training.dataset --merge $(for i in $(seq 0 $((JOBS - 1))); do echo "$WORK/train$i.pt"; done) \
     --out "$WORK/train.pt"
+[ -n "${DATA_ONLY:-}" ] && exit 0  # only the datasets + sample caches (e.g. for streaming_finetune / evaluation)
 $PY -m flashdrive_ros.training.train --data "$WORK/train.pt" --heldout "$WORK/heldout.pt" --out "$CKPT" \
-    --steps "$STEPS" --max-minutes "$MINUTES" --seed 0 --batch-size 32 --lr 2e-3 --warmup 200 \
+    --steps "$STEPS" --max-minutes "$MINUTES" --seed 0 --batch-size 32 --lr "${LR:-2e-3}" --warmup 200 "${INIT_ARGS[@]}" \
     --eval-every 500 --eval-windows 128 --threads 4 --no-progress
