@@ -86,8 +86,15 @@ def test_fusion_keeps_keys_values_and_outputs(parts):
     torch.testing.assert_close(c2.k_rot, c1.k_rot, **TOL)
 
 
+@pytest.fixture(params=["sdpa", "math"])
+def attention_impl(request):
+    graphs.force_attention(request.param)
+    yield request.param
+    graphs.force_attention(None)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
-def test_lm_forward_prefill_and_masked_decode_match_eager(parts, fuse):
+def test_lm_forward_prefill_and_masked_decode_match_eager(parts, fuse, attention_impl):
     cfg, lm, _ = parts
     fast = copy.deepcopy(lm)
     if fuse:
@@ -126,7 +133,7 @@ def test_lm_forward_prefill_and_masked_decode_match_eager(parts, fuse):
 
 
 @pytest.mark.parametrize("k_samples", [1, 2])
-def test_expert_forward_matches_eager(parts, k_samples):
+def test_expert_forward_matches_eager(parts, k_samples, attention_impl):
     cfg, _, ex = parts
     fast = copy.deepcopy(ex)
     graphs.fuse_projections(fast)
@@ -195,6 +202,25 @@ def test_stage_graph_eager_path_uses_static_buffers():
     out = sg()
     torch.testing.assert_close(out, torch.full((3,), 11.0))
     assert all(p == calls[0] for p in calls)
+
+
+def test_fused_elementwise_chains_match_modules(parts):
+    cfg, lm, _ = parts
+    layer = lm.layers[0]
+    x = torch.randn(2, 5, cfg.text.hidden_size)
+    a = torch.randn_like(x)
+    n = layer.input_layernorm
+    torch.testing.assert_close(graphs.fused_rms_norm(x, n.weight, n.eps), n(x), rtol=0, atol=0)
+    y, h = graphs.fused_add_rms_norm(x, a, n.weight, n.eps)
+    torch.testing.assert_close(h, n(x + a), rtol=0, atol=0)
+    gu = torch.randn(2, 5, 2 * cfg.text.intermediate_size)
+    g, u = gu.chunk(2, -1)
+    torch.testing.assert_close(graphs.fused_swiglu(gu), torch.nn.functional.silu(g) * u)
+    s = torch.randn(1, 2, 4, 9)
+    m = torch.zeros(1, 1, 4, 9)
+    m[..., 5:] = torch.finfo(m.dtype).min
+    ref = torch.softmax(s * 0.5 + m, -1)
+    torch.testing.assert_close(graphs.fused_softmax(s, m, 0.5), ref)
 
 
 def test_greedy_token_bans_range():

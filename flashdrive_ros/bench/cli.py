@@ -86,7 +86,9 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
 
     def guarded(name: str, fn) -> None:
         try:
-            result["rows"].append(fn())
+            row = fn()
+            if row is not None:
+                result["rows"].append(row)
         except Exception as e:  # record and go on: one broken row must not cost the other rows
             import traceback
 
@@ -114,17 +116,25 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
     ours = OursPipeline(shape, device, dtype)
     result["params_ours"] = ours.parameter_count()
     ours.reference_tokens()
-    # eager vs graphed on the same cache state: a device-side check of the fast path
-    ours.full_prefill_window()
-    ours.step(Mode(), clock)
-    eager_x, eager_tok = ours.last_action.clone(), ours.last_tokens.clone()
-    ours.full_prefill_window()
-    ours.step(Mode(graphs=True), clock)
-    graph_x, graph_tok = ours.last_action, ours.last_tokens
-    result["checks"]["graph_vs_eager_action_rel_diff"] = float((graph_x - eager_x).norm() / eager_x.norm())
-    result["checks"]["graph_vs_eager_tokens_equal"] = int((graph_tok == eager_tok).sum())
-    result["checks"]["tokens_compared"] = int(eager_tok.numel())
-    save_partial()
+    def fast_check():
+        result["checks"]["fast_vs_eager_rel_diff"] = ours.fast_path_check()
+
+    guarded("fast-path check", fast_check)
+
+    def check():
+        # eager vs graphed on the same cache state: a device-side check of the fast path
+        ours.full_prefill_window()
+        ours.step(Mode(), clock)
+        eager_x, eager_tok = ours.last_action.clone(), ours.last_tokens.clone()
+        ours.full_prefill_window()
+        ours.step(Mode(graphs=True), clock)
+        graph_x, graph_tok = ours.last_action, ours.last_tokens
+        result["checks"]["graph_vs_eager_action_rel_diff"] = float((graph_x - eager_x).norm() / eager_x.norm())
+        result["checks"]["graph_vs_eager_tokens_equal"] = int((graph_tok == eager_tok).sum())
+        result["checks"]["tokens_compared"] = int(eager_tok.numel())
+        return None
+
+    guarded("graph-vs-eager check", check)
     for name, mode in our_rows():
         if not want(name):
             continue
@@ -137,6 +147,9 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
             return row
 
         guarded(name, our_row)
+    from ..engine.graphs import attention_choices
+
+    result["attention_choices"] = attention_choices()
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
@@ -169,11 +182,18 @@ def to_markdown(res: dict) -> str:
     for name, err in res.get("errors", {}).items():
         lines.append(f"| {name} | failed: {err} | | | | | | |")
     c = res.get("checks", {})
-    if c:
+    if "graph_vs_eager_action_rel_diff" in c:
         lines += ["", f"Graph vs eager on the same cache: action relative difference "
                       f"{c['graph_vs_eager_action_rel_diff']:.2e}, greedy tokens equal {c['graph_vs_eager_tokens_equal']}"
                       f"/{c['tokens_compared']} (bf16 rounding differs between fused and unfused GEMMs; random "
                       f"weights give near-tied logits)."]
+    if "fast_vs_eager_rel_diff" in c:
+        d = c["fast_vs_eager_rel_diff"]
+        lines.append("Fast stage functions vs the engine's eager modules on identical inputs (relative L2 "
+                     "difference): " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()) + ".")
+    if res.get("attention_choices"):
+        lines.append("Attention kernel chosen per shape by timing: " +
+                     "; ".join(f"{k}: {v}" for k, v in res["attention_choices"].items()) + ".")
     if "peak_memory_gib" in res:
         lines.append(f"Peak GPU memory {res['peak_memory_gib']} GiB; wall time {res['wall_s']} s.")
     meas = roofline.measured_from_bench(res)

@@ -389,6 +389,39 @@ class OursPipeline:
                                 name="action")
         return self._graph(f"action_{flow}", build)
 
+    # ------------------------------------------------------------------ fast path vs eager, same inputs
+    @torch.no_grad()
+    def fast_path_check(self) -> dict[str, float]:
+        """Relative difference of each fast stage function (fused, compiled on CUDA, chosen attention)
+        against the engine's eager module on identical inputs: encode, full prefill, one expert pass."""
+        self._ensure_fused()
+
+        def rel(a, b):
+            return float((a.float() - b.float()).norm() / b.float().norm())
+
+        out = {}
+        img, deep = self.encode_eager(False)
+        st = G.vision_static(self.model.visual, self.w.image_grid_thw)
+        e_f, d_f = G.vision_forward(self.model.visual, self.w.pixel_values, st)
+        out["encode"] = rel(e_f, img)
+        x = self._embed(self.ids, img, self.vis_full)
+        h_e, _ = self.lm(x, self.cache, self.full_slots, causal_mask(self.full_slots, self.L).to(self.dtype),
+                         self.L, self.vis_full, deep)
+        lim = torch.tensor(self.L, device=self.device)
+        h_f, _ = G.lm_forward(self.lm, x, self.cache, self.full_slots,
+                              G.causal_slot_mask(self.full_slots, self.n_pref, self.dtype, limit=lim), self.n_pref,
+                              self.vis_full.nonzero().flatten(), deep)
+        out["prefill"] = rel(h_f, h_e)
+        n_ctx = self.L
+        emb = self.model.action_in_proj(self.noise, torch.full((1,), 0.5, device=self.device))
+        act = torch.arange(n_ctx, n_ctx + self.n_act, device=self.device)
+        v_e = self.model.expert(emb, self.cache, n_ctx, self.cache.positions[:, act])
+        v_f = G.expert_forward(self.model.expert, emb, self.cache, act,
+                               G.action_mask(torch.tensor(n_ctx, device=self.device), act, self.max_len, self.dtype),
+                               self.max_len)
+        out["action"] = rel(v_f, v_e)
+        return out
+
     # ------------------------------------------------------------------ one window
     @torch.no_grad()
     def full_prefill_window(self) -> None:

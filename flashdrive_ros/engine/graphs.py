@@ -27,6 +27,7 @@ Three layers, each usable alone:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Callable
 
 import torch
@@ -105,6 +106,108 @@ def patch_embed_as_linear(tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]
     return proj.weight.reshape(proj.weight.shape[0], -1), proj.bias
 
 
+# ---------------------------------------------------------------------------- fused elementwise ops
+# Within a CUDA graph launch overhead is gone, but every small elementwise kernel still costs a few
+# microseconds of GPU time: an eager decoder layer issues ~50 of them (the float32 RMSNorm alone is 6).
+# The chains below are compiled by torch.compile into one Triton kernel each on CUDA (eager on the
+# CPU, where the tests check the math). Compilation happens on the first call, which StageGraph
+# makes during its warm-up, never during capture; if it fails the eager function is used.
+
+_COMPILE = {"enabled": True}
+
+
+def set_compile(enabled: bool) -> None:
+    """Switch torch.compile of the fused elementwise chains on/off (eager math either way)."""
+    _COMPILE["enabled"] = bool(enabled)
+
+
+def _fused(fn: Callable) -> Callable:
+    state: dict = {}
+
+    def wrapper(*args):
+        if not (_COMPILE["enabled"] and args[0].is_cuda):
+            return fn(*args)
+        c = state.get("compiled")
+        if c is None:
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            for name in ("cache_size_limit", "recompile_limit"):  # one compile per stage shape
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 64))
+            c = state["compiled"] = torch.compile(fn, dynamic=False, fullgraph=True)
+        if c is fn:
+            return fn(*args)
+        try:
+            return c(*args)
+        except Exception as e:  # a compiler problem must not break the fast path: fall back to eager
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            import warnings
+
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); using eager")
+            state["compiled"] = fn
+            return fn(*args)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.eager = fn
+    return wrapper
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """text_model.RMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@_fused
+def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms(x, w, eps)
+
+
+@_fused
+def fused_add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add followed by the next RMSNorm: returns (x + a, norm(x + a))."""
+    y = x + a
+    return y, _rms(y, w, eps)
+
+
+def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return apply_rotary(x, cos, sin)
+
+
+@_fused
+def fused_qk_prep(q: torch.Tensor, k: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor, eps: float,
+                  cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, Q, H, D], k [B, Q, KV, D] straight from the projection -> (rotated q [B, H, Q, D],
+    normed pre-RoPE k [B, KV, Q, D], rotated k [B, KV, Q, D]); cos/sin [Q, D] or [B|1, 1, Q, D]."""
+    qn = _rms(q, qw, eps).transpose(1, 2)
+    kn = _rms(k, kw, eps).transpose(1, 2)
+    return _rot(qn, cos, sin), kn, _rot(kn, cos, sin)
+
+
+@_fused
+def fused_swiglu(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@_fused
+def fused_softmax(s: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(s * scale + mask) in float32, cast back (transformers' eager attention)."""
+    s = s.float() * scale
+    if mask is not None:
+        s = s + mask
+    return torch.softmax(s, dim=-1).to(torch.bfloat16 if mask is None else mask.dtype)
+
+
+@_fused
+def fused_vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' apply_rotary_pos_emb_vision: rotate in float32, cast back."""
+    qf, kf = q.float(), k.float()
+    return ((qf * cos) + (_rotate_half(qf) * sin)).to(q.dtype), ((kf * cos) + (_rotate_half(kf) * sin)).to(k.dtype)
+
+
 # ---------------------------------------------------------------------------------- attention core
 
 def fold_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
@@ -115,23 +218,131 @@ def fold_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
     return mask.repeat(1, 1, groups, 1)
 
 
+# (folded query shape, key count, mask shape, dtype) -> "sdpa" | "math": chosen by timing both once
+_ATTN_CHOICE: dict[tuple, str] = {}
+
+
+def _attn_sdpa(qf, k, v, fmask):
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=fmask)
+
+
+def _attn_math(qf, k, v, fmask):
+    # Plain GEMM -> fused masked softmax -> GEMM. For few query rows (decode, verify, the 64 action
+    # tokens) cuBLAS spreads the long key axis over the whole GPU, where SDPA's kernels get one block
+    # per head only.
+    s = torch.matmul(qf, k.transpose(-1, -2))
+    m = None if fmask is None else fmask.to(qf.dtype)
+    if m is None:
+        p = torch.softmax(s.float() / math.sqrt(qf.shape[-1]), dim=-1).to(qf.dtype)
+    else:
+        p = fused_softmax(s, m, 1.0 / math.sqrt(qf.shape[-1]))
+    return torch.matmul(p, v)
+
+
+_ATTN_IMPLS = {"sdpa": _attn_sdpa, "math": _attn_math}
+
+
+_FORCE_ATTENTION: dict[str, str | None] = {"impl": None}
+
+
+def force_attention(impl: str | None) -> None:
+    """Use one attention implementation everywhere ("sdpa" | "math"; None = time both on CUDA)."""
+    if impl is not None and impl not in _ATTN_IMPLS:
+        raise ValueError(f"attention impl must be one of {sorted(_ATTN_IMPLS)} or None, got {impl!r}")
+    _FORCE_ATTENTION["impl"] = impl
+
+
+def _pick_attention(key, qf, k, v, fmask) -> str:
+    if _FORCE_ATTENTION["impl"] is not None:
+        return _FORCE_ATTENTION["impl"]
+    if not qf.is_cuda:
+        return "sdpa"
+    if torch.cuda.is_current_stream_capturing():
+        return _ATTN_CHOICE.get(key, "sdpa")
+    if key not in _ATTN_CHOICE:
+        times = {}
+        for name, fn in _ATTN_IMPLS.items():
+            for _ in range(2):
+                fn(qf, k, v, fmask)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(5):
+                fn(qf, k, v, fmask)
+            b.record()
+            b.synchronize()
+            times[name] = a.elapsed_time(b)
+        _ATTN_CHOICE[key] = min(times, key=times.get)
+    return _ATTN_CHOICE[key]
+
+
+def attention_choices() -> dict[str, str]:
+    """What the timing picked per attention shape (for the benchmark report)."""
+    return {f"q{list(k[0])} keys {k[1]}": v for k, v in _ATTN_CHOICE.items()}
+
+
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, Q, D], k/v [B, KV, N, D], `fmask` from fold_mask (additive) -> [B, H, Q, D].
 
     Query heads h = kv * g + j (transformers' repeat_kv order) are folded into the query axis so
-    every kv head is read once: [B, KV, g*Q, D], no repeat_kv copy of the keys."""
+    every kv head is read once: [B, KV, g*Q, D], no repeat_kv copy of the keys. On CUDA the faster
+    of SDPA and plain GEMM attention is chosen per shape by timing both once (outside capture)."""
     b, h, qn, d = q.shape
     kv = k.shape[1]
     g = h // kv
-    if g == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=fmask)
-    out = F.scaled_dot_product_attention(q.reshape(b, kv, g * qn, d), k, v, attn_mask=fmask)
+    qf = q.reshape(b, kv, g * qn, d)
+    key = (tuple(qf.shape), k.shape[2], None if fmask is None else tuple(fmask.shape), q.dtype)
+    out = _ATTN_IMPLS[_pick_attention(key, qf, k, v, fmask)](qf, k, v, fmask)
     return out.reshape(b, h, qn, d)
 
 
 def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     b, _, n, _ = out.shape
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.head_dim))
+
+
+def _qkv(attn: Attention, h: torch.Tensor):
+    """Projections of normed h [B, Q, H] -> q [B, Q, heads, D], k/v [B, Q, kv, D] (views)."""
+    b, n, _ = h.shape
+    nq, nkv = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
+    if hasattr(attn, "qkv_weight"):
+        q, k, v = F.linear(h, attn.qkv_weight, attn.qkv_bias).split([nq, nkv, nkv], dim=-1)
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    return (q.view(b, n, attn.n_heads, attn.head_dim), k.view(b, n, attn.n_kv, attn.head_dim),
+            v.view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2))
+
+
+def _mlp(mlp: MLP, h: torch.Tensor) -> torch.Tensor:
+    if hasattr(mlp, "gate_up_weight"):
+        return mlp.down_proj(fused_swiglu(F.linear(h, mlp.gate_up_weight)))
+    return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
+def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, capture_layers=(),
+                   deepstack=None, vis_idx=None):
+    """Pre-norm decoder layers with the residual adds fused into the following norm.
+    attend(i, attn, q, k, v) -> attention output [B, heads, Q, D] (q/k given raw from the projection)."""
+    captured: dict[int, torch.Tensor] = {}
+    n = len(layers)
+    h = fused_rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, h)
+        a = _out_proj(attn, attend(i, attn, q, k, v))
+        pn = layer.post_attention_layernorm
+        x, h2 = fused_add_rms_norm(x, a, pn.weight, pn.eps)
+        m = _mlp(layer.mlp, h2)
+        nxt = layers[i + 1].input_layernorm if i + 1 < n else final_norm
+        if i in capture_layers or (deepstack is not None and i < len(deepstack)):
+            x = x + m
+            if i in capture_layers:
+                captured[i] = x
+            if deepstack is not None and i < len(deepstack):
+                x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(x.shape[0], -1, -1))
+            h = fused_rms_norm(x, nxt.weight, nxt.eps)
+        else:
+            x, h = fused_add_rms_norm(x, m, nxt.weight, nxt.eps)
+    return h, captured
 
 
 # ---------------------------------------------------------------------------------- cache (no sync)
@@ -177,27 +388,23 @@ def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tens
     vis_idx LongTensor [n_vis] = query rows of image tokens (replaces the bool visual_pos_mask);
     deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs)."""
     b = x.shape[0]
-    cos, sin = cache.cos[slots], cache.sin[slots]
+    cos, sin = cache.cos[slots].to(x.dtype), cache.sin[slots].to(x.dtype)
     a0 = lm.layers[0].self_attn
     if mask is not None:
         mask = mask.to(x.dtype)
         if not mask_folded:
             mask = fold_mask(mask, a0.n_heads // a0.n_kv)
-    captured: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(lm.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.project(h)
-        cache_write(cache, i, slots, k, v, cos, sin)
+
+    def attend(i, attn, q, k, v):
+        qr, kn, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
+        cache.k[i, :, :, slots] = kn.to(cache.dtype)
+        cache.v[i, :, :, slots] = v.to(cache.dtype)
+        cache.k_rot[i, :, :, slots] = kr.to(cache.dtype)
         keys = cache.k_rot[i, :, :, :n].expand(b, -1, -1, -1)
         values = cache.v[i, :, :, :n].expand(b, -1, -1, -1)
-        x = x + _out_proj(attn, gqa_attention(apply_rotary(q, cos, sin), keys, values, mask))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if i in capture_layers:
-            captured[i] = x
-        if deepstack is not None and i < len(deepstack):
-            x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(b, -1, -1))
-    return lm.norm(x), captured
+        return gqa_attention(qr, keys, values, mask)
+
+    return _decoder_stack(lm.layers, lm.norm, x, attend, capture_layers, deepstack, vis_idx)
 
 
 def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, mask: torch.Tensor | None,
@@ -208,23 +415,24 @@ def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, ma
     [0, n) with `mask` hiding everything that is neither context (< n_ctx) nor an action slot.
     emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length."""
     k_samples = emb.shape[0]
-    cos, sin = cache.cos[act_slots], cache.sin[act_slots]
+    cos, sin = cache.cos[act_slots].to(emb.dtype), cache.sin[act_slots].to(emb.dtype)
     a0 = expert.layers[0].self_attn
     mask = fold_mask(None if mask is None else mask.to(emb.dtype), a0.n_heads // a0.n_kv)
-    x = emb
-    for i, layer in enumerate(expert.layers):
-        attn = layer.self_attn
-        q, k, v = attn.project(layer.input_layernorm(x))
+
+    def attend(i, attn, q, k, v):
+        qr, kn, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
         if cache.batch == k_samples:
-            cache_write(cache, i, act_slots, k, v, cos, sin)
+            cache.k[i, :, :, act_slots] = kn.to(cache.dtype)
+            cache.v[i, :, :, act_slots] = v.to(cache.dtype)
+            cache.k_rot[i, :, :, act_slots] = kr.to(cache.dtype)
             keys, values = cache.k_rot[i, :, :, :n], cache.v[i, :, :, :n]
         else:  # shared batch-1 context, K samples: append own keys (cannot share one slot range)
-            keys = torch.cat([cache.k_rot[i, :, :, :n].expand(k_samples, -1, -1, -1),
-                              apply_rotary(k, cos, sin)], dim=2)
+            keys = torch.cat([cache.k_rot[i, :, :, :n].expand(k_samples, -1, -1, -1), kr], dim=2)
             values = torch.cat([cache.v[i, :, :, :n].expand(k_samples, -1, -1, -1), v], dim=2)
-        x = x + _out_proj(attn, gqa_attention(apply_rotary(q, cos, sin), keys, values, mask))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return expert.norm(x)
+        return gqa_attention(qr, keys, values, mask)
+
+    h, _ = _decoder_stack(expert.layers, expert.norm, emb, attend)
+    return h
 
 
 def action_mask(n_ctx: torch.Tensor, act_slots: torch.Tensor, n_keys: int, dtype: torch.dtype,
@@ -237,7 +445,8 @@ def action_mask(n_ctx: torch.Tensor, act_slots: torch.Tensor, n_keys: int, dtype
     if shared_batch:
         visible = torch.cat([visible, torch.ones(act_slots.numel(), dtype=torch.bool, device=keys.device)])
     else:
-        visible = visible | torch.isin(keys, act_slots)
+        # index_fill, not torch.isin: isin is not capturable
+        visible = visible | torch.zeros_like(visible).index_fill_(0, act_slots, True)
     zero = torch.zeros((), dtype=dtype, device=keys.device)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=keys.device)
     return torch.where(visible, zero, neg)[None, None, None]
@@ -289,9 +498,7 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
         a = blk.attn
         qkv = a.qkv(blk.norm1(x)).reshape(n_tok, 3, a.num_heads, -1)
         q, k, v = qkv.unbind(1)
-        # rotary in float32, as transformers' apply_rotary_pos_emb_vision does
-        q = ((q.float() * cos) + (_rotate_half(q.float()) * sin)).to(x.dtype)
-        k = ((k.float() * cos) + (_rotate_half(k.float()) * sin)).to(x.dtype)
+        q, k = fused_vision_rotary(q, k, cos, sin)  # float32 rotary, as transformers does
 
         def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
             return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
@@ -372,4 +579,5 @@ __all__ = [
     "FusedAttention", "FusedMLP", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
+    "set_compile", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
 ]
