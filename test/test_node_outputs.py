@@ -89,6 +89,7 @@ def test_reasoning_and_latency_fields(outputs):
     parts = [lat.preprocess_ms, lat.encode_ms, lat.prefill_ms, lat.decode_ms, lat.action_ms, lat.other_ms]
     assert parts == [1.0, 2.0, 3.0, 4.0, 5.0, 1.5] and lat.total_ms == 16.5
     assert (lat.dropped_frames, lat.full_prefill, lat.num_samples, lat.flow_schedule) == (3, True, 2, "adaptive")
+    assert lat.verify_passes == 5 and math.isclose(lat.tokens_per_pass, 1.8, rel_tol=1e-6)  # tau surfaced
 
 
 def test_stages_exceeding_the_total_by_rounding_raise_the_total(outputs):

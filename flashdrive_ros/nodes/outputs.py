@@ -158,4 +158,6 @@ def to_latency(result, frame_id: str = "base_link", *, pipeline_latency_ms: floa
                         other_ms=other, total_ms=total, pipeline_latency_ms=float(pipeline_latency_ms),
                         dropped_frames=int(dropped_frames), full_prefill=bool(result.full_prefill),
                         streaming=bool(streaming), speculative=bool(speculative), cuda_graphs=bool(cuda_graphs),
-                        flow_schedule=flow_schedule, num_samples=int(xyz.shape[0]))
+                        flow_schedule=flow_schedule, num_samples=int(xyz.shape[0]),
+                        verify_passes=int(result.verify_passes),
+                        tokens_per_pass=float(result.tokens_per_pass))
