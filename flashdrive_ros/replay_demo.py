@@ -106,6 +106,7 @@ class Listener:
 
     def close(self):
         self.executor.shutdown(timeout_sec=1.0)
+        self.thread.join(timeout=2.0)  # the spin thread must be gone before the context is destroyed
         self.node.destroy_node()
         self.ctx.try_shutdown()
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=480)
     ap.add_argument("--height", type=int, default=270)
     ap.add_argument("--seed", type=int, default=7, help="scenario seed of the synthetic clip")
-    ap.add_argument("--rate", type=float, default=0.5, help="replay rate (1.0 = real time)")
+    ap.add_argument("--rate", type=float, default=0.4, help="replay rate (1.0 = real time)")
     ap.add_argument("--delay", type=float, default=3.0, help="seconds before replay starts (model load)")
     ap.add_argument("--model", default="tiny", help="'tiny' or a checkpoint directory")
     ap.add_argument("--flow", default="uniform", choices=("uniform", "adaptive"))
