@@ -249,7 +249,12 @@ def test_busy_worker_keeps_the_newest_window_and_counts_drops():
         assert dropped >= 18 - len(stamps) - 2        # ... and counted (a few may be superseded in sync)
         assert [m.dropped_frames for m in rig.out.latency] == sorted(m.dropped_frames for m in rig.out.latency)
         assert rig.out.latency[-1].dropped_frames == dropped
-        assert all(m.full_prefill for m in rig.out.latency)  # skipped windows break the stream: reset each time
+        # a skipped window breaks the stream: the next processed window is a full prefill (on a loaded
+        # machine the test's own publishing may be slow enough for two consecutive windows to be processed)
+        lat = rig.out.latency
+        after_gap = [b.full_prefill for a, b in zip(lat, lat[1:])
+                     if h.stamp_us(b.header.stamp) - h.stamp_us(a.header.stamp) > 100_000]
+        assert after_gap and all(after_gap) and lat[0].full_prefill
     finally:
         rig.close()
 

@@ -314,10 +314,15 @@ class Rig:
             msg = (replace or {}).get(c) or self.image_msg(c, t_us)
             self.cam_pubs[c].publish(msg)
 
-    def wait_window(self, t_us: int, timeout: float = 60.0):
+    def wait_window(self, t_us: int, timeout: float = 60.0, settle_s: float = 1.0):
         self._wait(lambda: self.node.last_done_t0 is not None and self.node.last_done_t0 - EPOCH_US >= t_us,
                    timeout, f"window t0={t_us} us")
-        time.sleep(0.05)  # let the probe receive what the worker just published
+        # The worker has published (or refused) this window; its messages reach the probe asynchronously,
+        # which takes longer on a loaded machine. Wait for the last-published topic, bounded for refusals.
+        end = time.monotonic() + settle_s
+        while time.monotonic() < end and t_us not in self.out.stamps("latency"):
+            time.sleep(0.01)
+        time.sleep(0.05)  # the other topics of the same window
 
     def run(self, t_from_us: int, t_to_us: int, step_us: int = 100_000, **tick_kw):
         """Tick [t_from, t_to] and wait for each window t >= 0.3 s."""
