@@ -230,3 +230,20 @@ def test_greedy_token_bans_range():
     logits[1, 12] = 2.0
     tok = graphs.greedy_token(logits, (4, 8))
     assert tok.tolist() == [2, 12]
+
+
+def test_fast_path_is_bitwise_equal_to_eager_in_bf16_on_cpu(parts):
+    """Without torch.compile (CPU) the fused fast path does the eager arithmetic exactly, also in bf16."""
+    cfg, lm, _ = parts
+    eager = copy.deepcopy(lm).to(torch.bfloat16)
+    fast = copy.deepcopy(eager)
+    graphs.fuse_projections(fast)
+    L = 40
+    pos = torch.arange(L + 8).expand(3, -1)
+    c1 = StaticKVCache.for_config(cfg.text, 1, L + 8, pos, torch.bfloat16)
+    c2 = StaticKVCache.for_config(cfg.text, 1, L + 8, pos, torch.bfloat16)
+    x = torch.randn(1, L, cfg.text.hidden_size, dtype=torch.bfloat16)
+    slots = torch.arange(L)
+    ref, _ = eager(x, c1, slots, causal_mask(slots, L).bfloat16(), L)
+    out, _ = graphs.lm_forward(fast, x, c2, slots, graphs.causal_slot_mask(slots, L, torch.bfloat16), L)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
