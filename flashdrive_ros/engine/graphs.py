@@ -17,7 +17,10 @@ Three layers, each usable alone:
    checks), so they can be captured. Valid cache slots are chosen by an additive mask over a fixed
    number of key slots: decode masks every unused slot explicitly (flashdrive.md §9 pitfall 2).
    GQA attention folds the query-head groups into the query axis ([B, kv, g*Q, D] against
-   [B, kv, N, D]) so keys/values are read once per kv head and no repeat_kv copy is made.
+   [B, kv, N, D]) so keys/values are read once per kv head and no repeat_kv copy is made; per shape,
+   SDPA or plain GEMM attention is picked by timing both once. The elementwise chains between the
+   GEMMs (RMSNorm, residual add + norm, q/k norm + rotary, SwiGLU, masked softmax, vision rotary) are
+   single torch.compile'd kernels on CUDA and plain PyTorch elsewhere.
 
 3. `StageGraph`: static input buffers, warm-up on a side stream, one `torch.cuda.CUDAGraph` capture,
    then per call copy inputs -> replay -> static outputs. On the CPU (or with `enabled=False`) the
@@ -194,11 +197,12 @@ def fused_swiglu(gu: torch.Tensor) -> torch.Tensor:
 
 @_fused
 def fused_softmax(s: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(s * scale + mask) in float32, cast back (transformers' eager attention)."""
+    """softmax(s * scale + mask) in float32, cast back to s's dtype (transformers' eager attention)."""
+    dtype = s.dtype
     s = s.float() * scale
     if mask is not None:
         s = s + mask
-    return torch.softmax(s, dim=-1).to(torch.bfloat16 if mask is None else mask.dtype)
+    return torch.softmax(s, dim=-1).to(dtype)
 
 
 @_fused
