@@ -115,22 +115,40 @@ def sharp_target():
 
 class GreedyGuessDrafter(Drafter):
     """Drafts the target's greedy continuation of the anchor (q = a point mass): accepted with
-    probability p(draft), so both acceptance and rejection + residual resampling happen often."""
+    probability p(draft), so both acceptance and rejection + residual resampling happen often.
+    The prompt is fixed, so the guess is a function of the anchor id alone: it is computed by a target
+    prefill the first time an anchor is seen and memoised (same drafts, without one prefill per sample)."""
 
     def __init__(self, base, prompt, prefill):
         super().__init__(base.cfg)
         self.prompt, self.prefill = prompt, prefill
+        self.guesses: dict[int, int] = {}
+        self.vocab = base.cfg.vocab_size
 
     def draft_logits(self, model, anchor_ids, context):
-        seq = torch.cat([self.prompt, anchor_ids.cpu()])
-        _, logits, _ = self.prefill(model, seq, len(seq) + 1)
-        out = torch.zeros(1, self.cfg.block_size - 1, logits.shape[-1])
-        self.last_guess = int(logits[0, :1000].argmax())
+        anchor = int(anchor_ids.reshape(-1)[0])
+        if anchor not in self.guesses:
+            seq = torch.cat([self.prompt, anchor_ids.cpu()])
+            _, logits, _ = self.prefill(model, seq, len(seq) + 1)
+            self.guesses[anchor] = int(logits[0, :1000].argmax())
+        self.last_guess = self.guesses[anchor]
+        out = torch.zeros(1, self.cfg.block_size - 1, self.vocab)
         out[0, :, self.last_guess] = 30.0
         return out
 
 
-def test_end_to_end_sampled_reasoning_matches_the_exact_target_distribution(sharp_target):
+@pytest.fixture
+def one_thread():
+    """The end-to-end test runs thousands of tiny (q <= 8, hidden 128) forwards. On a shared CPU two
+    intra-op threads spin against other jobs (measured here: 50 ms per decode with 2 threads under
+    load vs 8 ms with 1), so it runs single-threaded; the thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_end_to_end_sampled_reasoning_matches_the_exact_target_distribution(sharp_target, one_thread):
     """speculative_decode at T 0.6 / top-p 0.98: the empirical law of the first two reasoning tokens
     (the second one is verified) vs the exact law p(t1) p(t2 | t1) computed from the target.
     2 000 samples over ~40 outcomes: sampling noise TV ~ 0.04; tolerance 0.09. Keeping every draft
@@ -175,3 +193,4 @@ def test_end_to_end_sampled_reasoning_matches_the_exact_target_distribution(shar
     support = set(exact) | set(counts)
     dist = 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in support)
     assert dist < 0.09, (dist, sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+    print(f"TV {dist:.4f} over {len(support)} outcomes; {accepted}/{n} second tokens were accepted drafts")

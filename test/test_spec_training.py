@@ -57,6 +57,38 @@ def test_save_load_roundtrip_has_no_target_weights(tmp_path):
         assert torch.equal(d.draft_logits(model, anchor, ctx), e.draft_logits(model, anchor, ctx))
 
 
+def test_drafter_records_its_target_and_warns_on_another_one(tmp_path):
+    """target_fingerprint = sha256 of the weights (what `sha256sum model.safetensors` prints);
+    load_drafter(target_dir=...) warns, never fails, when the recorded target differs."""
+    import hashlib
+    import warnings
+
+    import pytest
+
+    from flashdrive_ros.engine.speculative import check_drafter_target, target_fingerprint
+
+    model = create_tiny(0)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"stage 1 weights")
+    fp = target_fingerprint(target)
+    assert fp == {"target_sha256": hashlib.sha256(b"stage 1 weights").hexdigest(), "target_weight_bytes": 15}
+    d = Drafter.for_target(model, seed=1)
+    save_drafter(d, tmp_path / "drafter", extra={**fp})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same target: no warning
+        load_drafter(tmp_path / "drafter", model, target_dir=target)
+    (target / "model.safetensors").write_bytes(b"stage 2 weights")  # same size, other bytes
+    with pytest.warns(UserWarning, match="another target checkpoint"):
+        e = load_drafter(tmp_path / "drafter", model, target_dir=target)
+    assert all(torch.equal(e.state_dict()[k], v) for k, v in d.state_dict().items())  # still loaded
+    (target / "model.safetensors").write_bytes(b"stage 3, longer weights")
+    with pytest.warns(UserWarning, match="bytes"):  # another size: caught without hashing
+        assert "bytes" in check_drafter_target(tmp_path / "drafter", target)
+    save_drafter(d, tmp_path / "old", extra={"note": 1})  # nothing recorded: nothing to compare
+    assert check_drafter_target(tmp_path / "old", target) is None
+
+
 def test_training_on_target_rollouts_fits_and_saves_the_best_drafter(tmp_path):
     """Rollouts = greedy continuations of random prompts by the tiny random target (hidden states
     teacher-forced). A few epochs must lower the prefix-weighted loss on them, and the saved drafter

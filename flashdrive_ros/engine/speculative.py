@@ -30,7 +30,9 @@ Draft / verify loop (`speculative_decode`)
     Greedy output is token-for-token the autoregressive greedy output, whatever the drafter predicts.
 
 Save / load: `save_drafter(drafter, dir)` -> dir/drafter.safetensors + dir/drafter_config.json;
-`load_drafter(dir, target_model)`.
+`load_drafter(dir, target_model, target_dir=None)`; train_dflash records the target's
+`target_fingerprint` (sha256 of its weights) in the drafter's notes, and load_drafter warns (never
+fails) when `target_dir` holds different weights.
 """
 
 from __future__ import annotations
@@ -213,13 +215,79 @@ def save_drafter(drafter: Drafter, directory: str | Path, extra: dict | None = N
     return directory
 
 
+TARGET_HASH_MAX_BYTES = 2 * 1024 ** 3  # load_drafter re-hashes target weights only up to this size
+
+
+def target_weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a target checkpoint directory ("tiny" = the shipped tiny checkpoint), sorted."""
+    from .loader import resolve_dir
+
+    return sorted(resolve_dir(directory).glob("model*.safetensors"))
+
+
+def target_fingerprint(directory: str | Path) -> dict:
+    """Which target checkpoint a drafter belongs to: {"target_sha256", "target_weight_bytes"}.
+
+    target_sha256 = sha256 of the single model.safetensors file (`sha256sum` prints the same), or for a
+    sharded checkpoint the sha256 of the lines "<file name> <sha256 of that file>\n" in file-name order."""
+    import hashlib
+
+    files = target_weight_files(directory)
+    if not files:
+        return {}
+    digests = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        digests.append((f.name, h.hexdigest()))
+    if len(digests) == 1:
+        sha = digests[0][1]
+    else:
+        sha = hashlib.sha256("".join(f"{n} {d}\n" for n, d in digests).encode()).hexdigest()
+    return {"target_sha256": sha, "target_weight_bytes": sum(f.stat().st_size for f in files)}
+
+
+def check_drafter_target(directory: str | Path, target_dir: str | Path) -> str | None:
+    """Compare the target fingerprint recorded with a saved drafter (drafter_config.json "notes") with the
+    checkpoint in `target_dir`; warn (never raise: greedy/sampled output is lossless whatever the drafter)
+    when they differ, since the drafter's acceptance rate (tau) was then measured on another target.
+    Returns the warning text, or None when they match or nothing can be compared (no recorded hash; a
+    target larger than TARGET_HASH_MAX_BYTES with the same total size is not re-hashed)."""
+    import warnings
+
+    notes = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("notes") or {}
+    want = notes.get("target_sha256")
+    if not want:
+        return None
+    files = target_weight_files(target_dir)
+    size = sum(f.stat().st_size for f in files)
+    if notes.get("target_weight_bytes") not in (None, size):
+        got = f"weights of {size} bytes, recorded {notes['target_weight_bytes']}"
+    elif size > TARGET_HASH_MAX_BYTES:
+        return None
+    else:
+        sha = target_fingerprint(target_dir).get("target_sha256")
+        if sha == want:
+            return None
+        got = f"target sha256 {sha}, recorded {want}"
+    msg = (f"drafter {directory} was trained on another target checkpoint than {target_dir} ({got}); "
+           "output stays exact, but expect fewer accepted drafts (lower tau) — retrain it "
+           "(docs/SPECULATIVE.md)")
+    warnings.warn(msg, stacklevel=3)
+    return msg
+
+
 def has_drafter(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
 
 
-def load_drafter(directory: str | Path, model) -> Drafter:
-    """Load a saved drafter for `model` (checks that it was built for the same target shape)."""
+def load_drafter(directory: str | Path, model, target_dir: str | Path | None = None) -> Drafter:
+    """Load a saved drafter for `model` (checks that it was built for the same target shape). With
+    `target_dir` (the checkpoint `model` was loaded from), also warns when the drafter was trained on a
+    different checkpoint (`check_drafter_target`)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -231,6 +299,8 @@ def load_drafter(directory: str | Path, model) -> Drafter:
         raise ValueError(f"drafter in {directory} (hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, layers "
                          f"{cfg.target_layers}) does not fit the target (hidden {t.hidden_size}, vocab "
                          f"{t.vocab_size}, {t.num_hidden_layers} layers)")
+    if target_dir is not None:
+        check_drafter_target(directory, target_dir)
     drafter = Drafter(cfg)
     drafter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
     return drafter.to(device=model.device, dtype=model.dtype).eval()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from flashdrive_ros.engine.engine import DriveEngine
-from flashdrive_ros.engine.speculative import CONTEXT_LEN, Drafter, context_features
+from flashdrive_ros.engine.speculative import CONTEXT_LEN, Drafter, context_features, target_fingerprint
 from flashdrive_ros.engine.streaming import causal_mask
 
 IGNORE = -100
@@ -118,7 +118,8 @@ def generate(data: str, model: str = "tiny", clips: str | None = None, stride_ms
         log(f"clip {ci + 1}/{len(chosen)} {clip}: {len(sequences)} rollouts, {n_tok} tokens, "
             f"{time.time() - t_start:.0f} s")
     return {"sequences": sequences, "meta": meta, "target_layers": list(engine._capture_layers),
-            "model": str(model), "weights": engine.weights_description, "temperature": temperature,
+            "model": str(model), "weights": engine.weights_description, **target_fingerprint(model),
+            "temperature": temperature,
             "context_len": CONTEXT_LEN, "hidden_size": engine.cfg.text.hidden_size}
 
 
