@@ -38,6 +38,7 @@ import torch
 
 from .action_space import UnicycleActionSpace
 from .flow import FlowSchedule, sample as flow_sample
+from .graphed import round_up
 from .history import encode_history, history_kwargs
 from .kv_cache import StaticKVCache
 from .loader import TINY_DIR, create_tiny, load_model, resolve_dtype
@@ -161,7 +162,7 @@ class DriveEngine:
                  temperature: float = 0.0, top_p: float = 0.98, seed: int = 0,
                  stream_min_gap_us: int = 50_000, stream_max_gap_us: int = 150_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
-                 drafter=None, weights_description: str = ""):
+                 drafter=None, weights_description: str = "", cuda_graphs: bool | None = None):
         if speculative and drafter is None:
             raise ValueError("speculative=True needs a drafter (speculative.Drafter); from_pretrained finds or builds one")
         if num_samples < 1:
@@ -204,15 +205,27 @@ class DriveEngine:
             raise ValueError(f"action space has {self.action_space.n_waypoints} waypoints, the engine needs {N_WAYPOINTS}")
         self._templates: dict[int, tuple[torch.Tensor, PromptLayout]] = {}
         self.cache: StaticKVCache | None = None
+        # Fast path (issue 7): fused projections + one StageGraph per stage and shape (engine/graphed.py).
+        # On by default on CUDA; forced on elsewhere it runs the same stage functions eagerly.
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._fast = None
+        if self.cuda_graphs:
+            from . import graphs
+            from .graphed import GraphedStages
+
+            graphs.fuse_projections(self.model)  # idempotent; state_dict keys/values unchanged
+            self._fast = GraphedStages(self)
         self.reset()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: str | Path = "tiny", device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32, **kwargs) -> "DriveEngine":
+                        dtype: torch.dtype | str = torch.float32, cuda_graphs: bool | None = None,
+                        **kwargs) -> "DriveEngine":
         """'tiny': the shipped checkpoint in flashdrive_ros/assets/tiny if it has weights, otherwise
         `create_tiny(seed)` in memory (random weights) with the shipped tokenizer. Anything else is a
-        checkpoint directory holding config.json, weights and tokenizer files."""
+        checkpoint directory holding config.json, weights and tokenizer files.
+        cuda_graphs: None -> on when `device` is CUDA (fused projections + CUDA graphs per stage)."""
         dtype = resolve_dtype(dtype)
         device = torch.device(device)
         seed = int(kwargs.get("seed", 0))
@@ -238,8 +251,8 @@ class DriveEngine:
             from .speculative import load_drafter
 
             desc += f"; drafter: {kwargs['drafter']}"
-            kwargs["drafter"] = load_drafter(kwargs["drafter"], net, target_dir=directory)
-        return cls(net, tokenizer, weights_description=desc, **kwargs)
+            kwargs["drafter"] = load_drafter(kwargs["drafter"], net)
+        return cls(net, tokenizer, weights_description=desc, cuda_graphs=cuda_graphs, **kwargs)
 
     @staticmethod
     def _find_drafter(directory: Path, model, seed: int):
@@ -251,7 +264,7 @@ class DriveEngine:
         extra = (TINY_DIR.parent / "tiny_dflash",) if directory == TINY_DIR else ()
         for d in (directory, directory / "drafter", *extra):
             if has_drafter(d):
-                return load_drafter(d, model, target_dir=directory), f"{d}"
+                return load_drafter(d, model), f"{d}"
         if directory == TINY_DIR:
             return Drafter.for_target(model, seed=seed), f"random (Drafter.for_target(seed={seed}))"
         raise FileNotFoundError(f"speculative=True but no drafter in {directory} or {directory / 'drafter'}")
@@ -292,6 +305,10 @@ class DriveEngine:
             self.cache = StaticKVCache.for_config(self.cfg.text, 1, max_len, positions, self.dtype, self.device)
         elif not torch.equal(self.cache.positions, positions.to(self.cache.positions.device)):
             self.cache.set_positions(positions)
+        else:
+            return
+        if self._fast is not None:  # graphs address the old cache tensors / cos-sin tables
+            self._fast.invalidate()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()  # not inference_mode: the cache must stay writable outside step() (reset, tests)
@@ -344,13 +361,17 @@ class DriveEngine:
                                                  self.cfg.vision.spatial_merge_size, device=self.device)
             ids = ids.to(self.device)
         with timer.stage("encode"):
-            feats = self.model.encode_images(pixels, grid_thw.to(self.device))
+            if self._fast is not None:
+                feats = self._fast.encode(pixels, grid_thw)
+            else:
+                feats = self.model.encode_images(pixels, grid_thw.to(self.device))
         with timer.stage("prefill"):
             if stream:
                 last_hidden = self._streaming_prefill(ids, feats)
             else:
                 last_hidden = self._full_prefill(ids, playout, feats, grid_thw)
-            logits = self.model.logits(last_hidden)
+            # the fast path's prefill graphs end with the logits already
+            logits = last_hidden if self._fast is not None else self.model.logits(last_hidden)
         return logits, playout, stream
 
     @torch.no_grad()
@@ -374,7 +395,10 @@ class DriveEngine:
         """Move frames 1..3 of every view onto frames 0..2 (one index copy over all layers)."""
         if self.layout is None:
             raise RuntimeError("shift() before the first full prefill of the stream")
-        self.cache.shift(*self._shift)
+        if self._fast is not None:
+            self._fast.shift(*self._shift)
+        else:
+            self.cache.shift(*self._shift)
 
     # ------------------------------------------------------------------ stages
     def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -382,25 +406,36 @@ class DriveEngine:
         length = playout.length
         # + forced <|cot_end|> + <|traj_future_start|>; speculation may verify a whole block past the budget
         max_len = length + self.max_new_tokens + max(2, self.drafter.cfg.block_size if self.speculative else 0)
+        if self._fast is not None:
+            # + the 64 action slots the graphed expert writes its K/V into; a multiple of 16 keys
+            max_len = round_up(max_len + N_WAYPOINTS)
         positions, _ = rope_index(ids.cpu(), grid_thw.cpu(), self.ids.image_pad, self.cfg.vision.spatial_merge_size)
         self._ensure_cache(max_len, extend_positions(positions, max_len))
-        visual = ids == self.ids.image_pad
-        embeds = self._embed_with_images(ids, visual, feats)
-        slots = torch.arange(length, device=self.device)
-        hidden, captured = self.model.language_model(
-            embeds, self.cache, slots, causal_mask(slots, length, self.dtype), length,
-            visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
-        self._keep_context(captured)
+        if self._fast is not None:
+            logits, ctx = self._fast.full_prefill(ids, feats, self._ctx_len())
+            self._keep_fast_context(ctx)
+        else:
+            visual = ids == self.ids.image_pad
+            embeds = self._embed_with_images(ids, visual, feats)
+            slots = torch.arange(length, device=self.device)
+            hidden, captured = self.model.language_model(
+                embeds, self.cache, slots, causal_mask(slots, length, self.dtype), length,
+                visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
+            self._keep_context(captured)
         if self.streaming:
             self.layout = self.streaming_layout(playout)
             self._query_slots = self.layout.streaming_query_slots().to(self.device)
             self._stream_mask = self.layout.streaming_mask(length, self.dtype).to(self.device)
             self._shift = tuple(t.to(self.device) for t in self.layout.shift_indices(self.shift_mode))
-        return hidden[:, -1]
+        return logits if self._fast is not None else hidden[:, -1]
 
     def _streaming_prefill(self, ids: torch.Tensor, feats) -> torch.Tensor:
         """Newest frame of every view + the tail, at their frozen slots, under the streaming mask."""
         q_ids = ids[self._query_slots]
+        if self._fast is not None:  # returns the logits
+            logits, ctx = self._fast.streaming_prefill(q_ids, feats, self.layout, self._query_slots, self._ctx_len())
+            self._keep_fast_context(ctx)
+            return logits
         visual = q_ids == self.ids.image_pad
         embeds = self._embed_with_images(q_ids, visual, feats)
         hidden, captured = self.model.language_model(
@@ -415,6 +450,14 @@ class DriveEngine:
             from .speculative import context_features
 
             self._context = context_features(captured, self._capture_layers)[:, -self.drafter.cfg.context_len:]
+
+    def _ctx_len(self) -> int:
+        return self.drafter.cfg.context_len if self.speculative else 0
+
+    def _keep_fast_context(self, ctx: torch.Tensor | None) -> None:
+        # a copy: the graph's static output is overwritten by the next prefill
+        if self.speculative:
+            self._context = ctx.clone()
 
     def _embed_with_images(self, ids: torch.Tensor, visual: torch.Tensor, feats) -> torch.Tensor:
         n_vis = int(visual.sum())
@@ -440,19 +483,27 @@ class DriveEngine:
         lm = self.model.language_model
         generated: list[int] = []
         slot, passes = start, 0
+        greedy: torch.Tensor | None = None  # fast path: the decode graph's own greedy token
 
         def feed(token: int) -> torch.Tensor:
-            nonlocal slot, passes
-            slots = torch.tensor([slot], device=self.device)
-            mask = torch.where(keys <= slot, 0.0, neg).to(self.dtype).view(1, 1, 1, max_len)
-            # embed_tokens directly: the id comes from our own sampler (model.embed's range check syncs)
-            hidden, _ = lm(lm.embed_tokens(slots.new_tensor([[token]])), self.cache, slots, mask, max_len)
+            nonlocal slot, passes, greedy
+            if self._fast is not None:
+                logits, greedy = self._fast.decode_step(token, slot)
+            else:
+                slots = torch.tensor([slot], device=self.device)
+                mask = torch.where(keys <= slot, 0.0, neg).to(self.dtype).view(1, 1, 1, max_len)
+                # embed_tokens directly: the id comes from our own sampler (model.embed's range check syncs)
+                hidden, _ = lm(lm.embed_tokens(slots.new_tensor([[token]])), self.cache, slots, mask, max_len)
+                logits = self.model.logits(hidden[:, -1])
             slot += 1
             passes += 1
-            return self.model.logits(hidden[:, -1])
+            return logits
 
         while True:
-            token = self._choose(logits, gen)
+            if greedy is not None and self.temperature == 0.0:
+                token = int(greedy[0])  # = choose_next_token's argmax with trajectory ids banned
+            else:
+                token = self._choose(logits, gen)  # sampling (temperature > 0) stays outside the graph
             generated.append(token)
             if token == cot_end or len(generated) >= self.max_new_tokens:
                 break
@@ -474,10 +525,12 @@ class DriveEngine:
     def _action(self, n_ctx: int, hist_xyz: np.ndarray, hist_rot: np.ndarray, gen: torch.Generator):
         """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories."""
         k = self.num_samples
-        start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
-        action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
         noise = torch.randn((k, N_WAYPOINTS, 2), generator=gen) * self.diffusion_temperature
         noise = noise.to(self.device)
+        if self._fast is not None:  # the whole flow loop is one graph; noise drawn above, outside it
+            return self._trajectory(self._fast.action(noise, n_ctx, self.schedule), hist_xyz, hist_rot)
+        start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
+        action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             tokens = self.model.action_in_proj(x, t)

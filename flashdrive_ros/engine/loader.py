@@ -174,6 +174,15 @@ from_pretrained = load_model  # the name used in docs/DESIGN.md
 
 # ---- writing -----------------------------------------------------------------------------------------
 
+def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that owns its storage: safetensors refuses tensors sharing storage, which is what
+    graphs.fuse_projections leaves behind (q/k/v and gate/up weights are row slices of one buffer)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def save_model(model: AlpamayoModel, directory: str | Path, cfg: AlpamayoConfig | None = None,
                max_shard_bytes: int = 4 * 1024 ** 3, tokenizer_dir: str | Path | None = None) -> Path:
     """Write config.json + weights (one file, or shards + index past `max_shard_bytes`).
@@ -187,7 +196,7 @@ def save_model(model: AlpamayoModel, directory: str | Path, cfg: AlpamayoConfig 
     for old in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
         old.unlink(missing_ok=True)
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: _owned_cpu(v) for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in state.items():
