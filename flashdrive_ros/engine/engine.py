@@ -251,7 +251,7 @@ class DriveEngine:
             from .speculative import load_drafter
 
             desc += f"; drafter: {kwargs['drafter']}"
-            kwargs["drafter"] = load_drafter(kwargs["drafter"], net)
+            kwargs["drafter"] = load_drafter(kwargs["drafter"], net, target_dir=directory)
         return cls(net, tokenizer, weights_description=desc, cuda_graphs=cuda_graphs, **kwargs)
 
     @staticmethod
@@ -264,7 +264,7 @@ class DriveEngine:
         extra = (TINY_DIR.parent / "tiny_dflash",) if directory == TINY_DIR else ()
         for d in (directory, directory / "drafter", *extra):
             if has_drafter(d):
-                return load_drafter(d, model), f"{d}"
+                return load_drafter(d, model, target_dir=directory), f"{d}"
         if directory == TINY_DIR:
             return Drafter.for_target(model, seed=seed), f"random (Drafter.for_target(seed={seed}))"
         raise FileNotFoundError(f"speculative=True but no drafter in {directory} or {directory / 'drafter'}")
