@@ -75,7 +75,7 @@ class TrainingKVCache(StaticKVCache):
         self._k_rot[layer] = self._k_rot[layer].index_copy(2, slots, apply_rotary(k, *self.cos_sin(slots)))
 
     def shift(self, src_slots, dst_slots) -> None:
-        raise NotImplementedError("TrainingKVCache is for teacher forcing; streaming uses the engine's cache")
+        raise RuntimeError("TrainingKVCache is for teacher forcing only: slot shifts belong to streaming, which uses the engine's StaticKVCache")
 
     def rotated_keys(self, layer: int, n: int) -> torch.Tensor:
         return self._k_rot[layer][:, :, :n]
