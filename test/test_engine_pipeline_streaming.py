@@ -145,7 +145,9 @@ def test_stream_breaks_reset_to_full_prefill(parts, clip):
     eng = make_engine(parts, streaming=True)
     assert eng.step(*window(clip, 0)).full_prefill
     assert not eng.step(*window(clip, 1)).full_prefill
-    assert eng.step(*window(clip, 3)).full_prefill  # 0.2 s gap
+    # a 0.2 s / 0.3 s gap now continues the stream with 2 / 3 new frames per view
+    # (test_engine_streaming_gaps.py); 4 strides share no frame and reset
+    assert eng.step(*window(clip, 5)).full_prefill  # 0.4 s gap
     assert eng.step(*window(clip, 2)).full_prefill  # t0 went backwards
     frames, t0, xyz, rot = window(clip, 3)
     small = np.ascontiguousarray(frames[:, :, :96, :])  # another image-token count -> layout change

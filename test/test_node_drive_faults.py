@@ -249,12 +249,20 @@ def test_busy_worker_keeps_the_newest_window_and_counts_drops():
         assert dropped >= 18 - len(stamps) - 2        # ... and counted (a few may be superseded in sync)
         assert [m.dropped_frames for m in rig.out.latency] == sorted(m.dropped_frames for m in rig.out.latency)
         assert rig.out.latency[-1].dropped_frames == dropped
-        # a skipped window breaks the stream: the next processed window is a full prefill (on a loaded
-        # machine the test's own publishing may be slow enough for two consecutive windows to be processed)
+        # Skipped windows: since reset_gap_ms defaults to 350 ms (was 150) the node no longer resets after a
+        # gap of 2-3 windows; it leaves those to the engine, which continues its stream across them
+        # (test_engine_streaming_gaps.py). This double streams unless the node resets it, so: the first
+        # window and any window after a gap > reset_gap_ms are full prefills, windows after a skipped gap
+        # <= reset_gap_ms are not. (On a loaded machine the test's own publishing may be slow enough for
+        # two consecutive windows to be processed.)
         lat = rig.out.latency
-        after_gap = [b.full_prefill for a, b in zip(lat, lat[1:])
-                     if h.stamp_us(b.header.stamp) - h.stamp_us(a.header.stamp) > 100_000]
-        assert after_gap and all(after_gap) and lat[0].full_prefill
+        reset_gap_us = rig.node.params.reset_gap_ms * 1000
+        assert reset_gap_us == 350_000
+        gaps = [h.stamp_us(b.header.stamp) - h.stamp_us(a.header.stamp) for a, b in zip(lat, lat[1:])]
+        assert lat[0].full_prefill and any(gap > 100_000 for gap in gaps), gaps
+        for gap, b in zip(gaps, lat[1:]):
+            assert b.full_prefill == (gap > reset_gap_us), (gaps, [m.full_prefill for m in lat])
+        assert rig.node.stats["resets"] == 1 + sum(gap > reset_gap_us for gap in gaps)
     finally:
         rig.close()
 

@@ -10,18 +10,30 @@ baseline (and the first window after every reset in streaming mode)
     slots [0, that slot + 1) with K noise samples in one batch -> flow sampler -> unicycle decode.
 
 streaming (later windows, flashdrive.md §2)
-    preprocess + encode only the newest frame of each camera (4 images) -> write them plus the
-    recomputed tail at `StreamingLayout.streaming_query_slots()` with the streaming mask; every slot
-    keeps its window-0 position (keys are stored pre-RoPE and rotated at read time) -> decode / expert
-    exactly as above -> shift frames 1..3 onto 0..2 with one index copy.
+    the window is k = 1, 2 or 3 strides (0.1 s) after the previous one (k > 1: the caller dropped
+    windows) -> for k > 1 first shift the cache by k - 1 more frames -> preprocess + encode only the
+    newest k frames of each camera (4k images) -> write them plus the recomputed tail at
+    `StreamingLayout.streaming_query_slots(k)` with the streaming mask; every slot keeps its window-0
+    position (keys are stored pre-RoPE and rotated at read time) -> decode / expert exactly as above ->
+    shift frames 1..3 onto 0..2 with one index copy.
+
+Cache invariant between windows (streaming mode): after every step the prompt slots hold that window's
+K/V shifted by one stride — frame f + 1 of each view at frame f's slots (f = 0..2), frame 3's slots
+stale. That is exactly the reused part of a window one stride later; a window k strides later shifts by
+k - 1 more (frames k - 1..3 onto 0..4 - k) at the start of its prefill, so its frames 0..3 - k are the
+previous window's frames k..3 and its newest k frames are recomputed. The per-step shift by one is kept
+unconditional (also before a reset) so k = 1 costs one index copy as before.
 
 Decode reads a fixed key window [0, max_len) with an explicit valid-length mask, so a decode token
 never sees stale slots (previous window's decode / action K/V, garbage) — pitfall 2 of flashdrive.md §9.
 
-The stream is reset (next step = full prefill) on `reset()`, on a t0 that is not ~0.1 s after the
-previous one (t0 going backwards or a gap outside [stream_min_gap_us, stream_max_gap_us]), and on a
-prompt layout change (e.g. a different image size changes the token count): the step then simply runs
-the full prefill and reports `full_prefill=True`.
+Stream gap rule: with gap = t0 - previous t0, the window continues the stream with k new frames per
+view when gap lies in [stream_min_gap_us + (k-1)·stream_stride_us, stream_max_gap_us + (k-1)·stream_stride_us]
+for k = 1, 2, 3 (defaults 50..150 ms, 150..250 ms, 250..350 ms; the smallest matching k wins on a
+shared boundary). The stream is reset (next step = full prefill) on `reset()`, on a gap matching no k
+(t0 going backwards, a repeated t0, or 4 or more strides: no frame is shared), and on a prompt layout
+change (e.g. a different image size changes the token count): the step then simply runs the full
+prefill and reports `full_prefill=True`.
 
 Randomness (token sampling at temperature > 0, flow noise) comes from generators seeded from
 (seed, t0_us), so a window's result does not depend on what ran before it.
@@ -161,6 +173,7 @@ class DriveEngine:
                  num_samples: int = 1, speculative: bool = False, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 0.98, seed: int = 0,
                  stream_min_gap_us: int = 50_000, stream_max_gap_us: int = 150_000,
+                 stream_stride_us: int = 100_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
                  drafter=None, weights_description: str = "", cuda_graphs: bool | None = None):
         if speculative and drafter is None:
@@ -190,7 +203,10 @@ class DriveEngine:
         self.num_samples = num_samples
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        if stream_stride_us <= 0:
+            raise ValueError(f"stream_stride_us must be > 0, got {stream_stride_us}")
         self.stream_min_gap_us, self.stream_max_gap_us = int(stream_min_gap_us), int(stream_max_gap_us)
+        self.stream_stride_us = int(stream_stride_us)
         self.shift_mode = shift_mode
         self.diffusion_temperature = float(diffusion_temperature)
         self.weights_description = weights_description
@@ -277,11 +293,17 @@ class DriveEngine:
         if self.cache is not None:
             self.cache.clear()
 
-    def _continues_stream(self, t0_us: int) -> bool:
+    def _continues_stream(self, t0_us: int) -> int:
+        """k in {1, .., N_FRAMES - 1}: this window is k strides after the previous one and continues the
+        stream with k new frames per view; 0: reset (see the module docstring's gap rule)."""
         if not self.streaming or self.layout is None or self._last_t0 is None:
-            return False
+            return 0
         gap = t0_us - self._last_t0
-        return self.stream_min_gap_us <= gap <= self.stream_max_gap_us
+        for k in range(1, N_FRAMES):
+            extra = (k - 1) * self.stream_stride_us
+            if self.stream_min_gap_us + extra <= gap <= self.stream_max_gap_us + extra:
+                return k
+        return 0
 
     # ------------------------------------------------------------------ prompt
     def _prompt(self, n_image_tokens: int, history_ids: torch.Tensor) -> tuple[torch.Tensor, PromptLayout]:
@@ -316,7 +338,7 @@ class DriveEngine:
         """One window -> StepResult (see docs/DESIGN.md "Engine API")."""
         frames, t0_us, hist_xyz, hist_rot = validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot)
         timer = StageTimer(self.device)
-        logits, playout, streamed = self.prefill(frames, t0_us, hist_xyz, timer)
+        logits, playout, new_frames = self.prefill(frames, t0_us, hist_xyz, timer)
         gen = self._make_generator(t0_us)
         with timer.stage("decode"):
             tokens, n_generated, passes, n_ctx, per_pass = self.decode(logits, playout.length, gen)
@@ -329,17 +351,19 @@ class DriveEngine:
         timings = timer.finish()
         reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
         return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
-                          timings_ms=timings, full_prefill=not streamed, verify_passes=passes,
+                          timings_ms=timings, full_prefill=not new_frames, verify_passes=passes,
                           tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens)
 
     # ------------------------------------------------------------------ public building blocks
     @torch.no_grad()
     def prefill(self, frames: np.ndarray, t0_us: int, hist_xyz: np.ndarray,
-                timer: StageTimer | None = None) -> tuple[torch.Tensor, PromptLayout, bool]:
+                timer: StageTimer | None = None) -> tuple[torch.Tensor, PromptLayout, int]:
         """Preprocess + encode + prefill one window (streaming when the stream continues, else full).
 
-        Returns (logits of the last prompt token [1, V] float32, PromptLayout, streamed). Decode then
-        starts at slot `layout.length`. Does not shift: call `shift()` after the window is done.
+        Returns (logits of the last prompt token [1, V] float32, PromptLayout, k): k = new frames per
+        view of a streaming window (1..3, truthy), 0 for a full prefill. Decode then starts at slot
+        `layout.length`. A k-stride window shifts by k - 1 itself before its prefill; the per-window
+        shift by one is the caller's: call `shift()` after the window is done.
         """
         timer = timer or StageTimer(self.device)
         h, w = frames.shape[2:4]
@@ -349,13 +373,15 @@ class DriveEngine:
             history_ids = encode_history(torch.as_tensor(np.asarray(hist_xyz, dtype=np.float64)).float(),
                                          self.ids.history_start, **self._hist_kwargs)
             ids, playout = self._prompt(n_img_tok, history_ids)
-            stream = self._continues_stream(t0_us)
+            stream = self._continues_stream(t0_us)  # k new frames per view, 0 = full prefill
             if stream:
                 try:
                     self.layout.check_same_layout(self.streaming_layout(playout))
                 except LayoutChanged:
-                    stream = False  # token count changed: the frozen slots are invalid -> full prefill
-            images = frames[:, -1] if stream else frames.reshape(-1, *frames.shape[2:])
+                    stream = 0  # token count changed: the frozen slots are invalid -> full prefill
+            # newest k frames per view, view-major and oldest first: the order of new_frame_slots(k)
+            images = frames[:, N_FRAMES - stream:] if stream else frames
+            images = images.reshape(-1, *frames.shape[2:])
             pixels, grid_thw = preprocess_images(images, self.cfg.min_pixels, self.cfg.max_pixels,
                                                  self.cfg.vision.patch_size, self.cfg.vision.temporal_patch_size,
                                                  self.cfg.vision.spatial_merge_size, device=self.device)
@@ -367,7 +393,7 @@ class DriveEngine:
                 feats = self.model.encode_images(pixels, grid_thw.to(self.device))
         with timer.stage("prefill"):
             if stream:
-                last_hidden = self._streaming_prefill(ids, feats)
+                last_hidden = self._streaming_prefill(ids, feats, stream)
             else:
                 last_hidden = self._full_prefill(ids, playout, feats, grid_thw)
             # the fast path's prefill graphs end with the logits already
@@ -391,14 +417,16 @@ class DriveEngine:
                                  self.max_new_tokens, self.temperature, self.top_p, generator=gen)
         return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau
 
-    def shift(self) -> None:
-        """Move frames 1..3 of every view onto frames 0..2 (one index copy over all layers)."""
+    def shift(self, k: int = 1) -> None:
+        """Move frames k..3 of every view onto frames 0..3-k (one index copy over all layers)."""
         if self.layout is None:
             raise RuntimeError("shift() before the first full prefill of the stream")
+        if k not in self._shift:
+            raise ValueError(f"shift by k must be in {sorted(self._shift)}, got {k}")
         if self._fast is not None:
-            self._fast.shift(*self._shift)
+            self._fast.shift(*self._shift[k])
         else:
-            self.cache.shift(*self._shift)
+            self.cache.shift(*self._shift[k])
 
     # ------------------------------------------------------------------ stages
     def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -424,22 +452,30 @@ class DriveEngine:
             self._keep_context(captured)
         if self.streaming:
             self.layout = self.streaming_layout(playout)
-            self._query_slots = self.layout.streaming_query_slots().to(self.device)
-            self._stream_mask = self.layout.streaming_mask(length, self.dtype).to(self.device)
-            self._shift = tuple(t.to(self.device) for t in self.layout.shift_indices(self.shift_mode))
+            ks = range(1, self.layout.n_frames)  # new frames per view of a streaming window
+            self._query_slots = {k: self.layout.streaming_query_slots(k).to(self.device) for k in ks}
+            self._stream_mask = {k: self.layout.streaming_mask(length, self.dtype, k).to(self.device) for k in ks}
+            self._shift = {k: tuple(t.to(self.device) for t in self.layout.shift_indices(self.shift_mode, k))
+                           for k in ks}
         return logits if self._fast is not None else hidden[:, -1]
 
-    def _streaming_prefill(self, ids: torch.Tensor, feats) -> torch.Tensor:
-        """Newest frame of every view + the tail, at their frozen slots, under the streaming mask."""
-        q_ids = ids[self._query_slots]
+    def _streaming_prefill(self, ids: torch.Tensor, feats, k: int = 1) -> torch.Tensor:
+        """Newest k frames of every view + the tail, at their frozen slots, under the streaming mask.
+
+        The cache holds the previous window shifted by one (see the module docstring); k > 1 strides
+        first shift by k - 1 more so frames 0..3-k are the previous window's frames k..3."""
+        if k > 1:
+            self.shift(k - 1)
+        q_slots = self._query_slots[k]
+        q_ids = ids[q_slots]
         if self._fast is not None:  # returns the logits
-            logits, ctx = self._fast.streaming_prefill(q_ids, feats, self.layout, self._query_slots, self._ctx_len())
+            logits, ctx = self._fast.streaming_prefill(q_ids, feats, self.layout, q_slots, self._ctx_len(), k)
             self._keep_fast_context(ctx)
             return logits
         visual = q_ids == self.ids.image_pad
         embeds = self._embed_with_images(q_ids, visual, feats)
         hidden, captured = self.model.language_model(
-            embeds, self.cache, self._query_slots, self._stream_mask, self.layout.prefill_len,
+            embeds, self.cache, q_slots, self._stream_mask[k], self.layout.prefill_len,
             visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
         self._keep_context(captured)
         return hidden[:, -1]

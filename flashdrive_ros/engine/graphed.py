@@ -5,10 +5,10 @@ instead of its eager modules when `cuda_graphs` is on:
 
   encode          graphs.vision_forward (equal-size images)            key: pixel shape, grid
   full prefill    graphs.lm_forward over all L prompt slots             key: L
-  stream prefill  graphs.lm_forward over the streaming query slots      key: L
+  stream prefill  graphs.lm_forward over the streaming query slots      key: L, k (new frames per view)
   decode step     q = 1: embed -> lm_forward -> logits + greedy token   key: max_len
   action          the whole flow.sample loop over graphs.expert_forward key: K, schedule
-  shift           graphs.cache_shift of the streaming frame slots       key: L
+  shift           graphs.cache_shift of the streaming frame slots       key: #slots (differs per k)
 
 Every graph but encode reads and writes the engine's StaticKVCache tensors in place, so those are
 dropped (`invalidate`) whenever the cache is replaced or its position table changes (set_positions makes new
@@ -148,14 +148,15 @@ class GraphedStages:
         return self._run_prefill(self._get(key, build), ids, feats)
 
     def streaming_prefill(self, q_ids: torch.Tensor, feats: ImageFeatures, layout, q_slots: torch.Tensor,
-                          ctx_len: int = 0):
-        """Newest frames + tail at the frozen query slots under the streaming mask (see StreamingLayout)."""
+                          ctx_len: int = 0, k: int = 1):
+        """Newest k frames per view + tail at the frozen query slots `layout.streaming_query_slots(k)`
+        under the streaming mask (see StreamingLayout). One graph per k (its slots, mask and shapes)."""
         length = layout.prefill_len
-        key = ("stream_prefill", length, q_ids.shape[0], tuple(feats.embeds.shape), len(feats.deepstack))
+        key = ("stream_prefill", length, k, q_ids.shape[0], tuple(feats.embeds.shape), len(feats.deepstack))
 
         def build():
             n = self._n_pref(length)
-            mask = layout.streaming_mask(n, self.engine.dtype).to(self.engine.device)
+            mask = layout.streaming_mask(n, self.engine.dtype, k).to(self.engine.device)
             return self._lm_stage("stream_prefill", q_ids, feats, q_slots, mask, n, ctx_len)
 
         return self._run_prefill(self._get(key, build), q_ids, feats)

@@ -1,23 +1,27 @@
 """Streaming layout: which cache slots a window re-computes, how frames shift, and what they may see.
 
-Consecutive 10 Hz windows share 3 of their 4 frames per camera. The prompt template is fixed, so
-window 0's token layout is frozen:
+Consecutive 10 Hz windows share 3 of their 4 frames per camera; windows k = 1, 2, 3 strides apart
+(inference slower than 0.1 s drops windows) share 4 - k. The prompt template is fixed, so window 0's
+token layout is frozen:
 
     [system prefix][V0: label F0 F1 F2 F3][V1 ...][V2 ...][V3 ...][tail: history + instruction + cot_start]
 
 Each frame block is `<|vision_start|> image tokens <|vision_end|>` and occupies a fixed range of cache
-slots; every slot has a fixed M-RoPE position. Per later window only the newest frame of each view and
-the tail are recomputed (the *query*), written at their own slots; afterwards the K/V of frames 1..3 are
-copied into the slots of frames 0..2 (the *shift*). Keys are stored pre-RoPE, so a copied frame is
+slots; every slot has a fixed M-RoPE position. Per later window k strides after the previous one, the
+K/V of frames k..3 are first copied into the slots of frames 0..3-k (the *shift*, `shift_indices(k=k)`),
+then only the newest k frames of each view and the tail are recomputed (the *query*,
+`streaming_query_slots(k)`), written at their own slots. Keys are stored pre-RoPE, so a copied frame is
 rotated at its new slot's position when it is read.
 
 The streaming mask is the original causal mask restricted to the recomputed rows: a query row at slot s
 sees exactly the keys at slots <= s that belong to the prompt (< prefill_len). Spelled out:
   * every row sees the system prefix;
-  * view-i new-frame rows see all slots of views < i, frames F0-F2 of view i (and their labels), and
-    F3 of view i causally;
+  * view-i new-frame rows see all slots of views < i, the reused frames F0..F(3-k) of view i (and the
+    labels in front of every frame of view i up to their own), and the new frames F(4-k)..F3 of view i
+    causally (an earlier new frame completely, their own frame up to themselves);
   * tail rows see every view slot and the tail causally;
   * no row sees a key at or after prefill_len (decode / action slots of the previous window are stale).
+For k = 1 this is: F0-F2 of view i and F3 causally.
 
 A layout is only valid for prompts with exactly the same slot ranges; `check_same_layout` raises
 `LayoutChanged` otherwise and the engine then resets the stream (full prefill).
@@ -177,23 +181,31 @@ class StreamingLayout:
             )
 
     # ----------------------------------------------------------------- slot index tensors
-    def shift_indices(self, mode: str = "vision_only") -> tuple[torch.Tensor, torch.Tensor]:
-        """(src_slots, dst_slots) for one index copy moving frames 1..F-1 onto frames 0..F-2 of every view.
+    def _check_k(self, k: int) -> int:
+        k = int(k)
+        if not 1 <= k <= self.n_frames - 1:
+            raise ValueError(f"k (new frames per view) must be in [1, {self.n_frames - 1}], got {k}")
+        return k
+
+    def shift_indices(self, mode: str = "vision_only", k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src_slots, dst_slots) for one index copy moving frames k..F-1 onto frames 0..F-1-k of every view.
 
         vision_only: the `<|vision_start|> .. <|vision_end|>` blocks only (labels stay in place).
-        block: label + frame block together; requires equal label lengths for frames 0..F-1 of a view.
+        block: label + frame block together; requires equal label lengths for the moved pairs of a view.
+        Sources and destinations overlap for k < F/2; the cache reads all sources before writing.
         """
         if mode not in SHIFT_MODES:
             raise ValueError(f"shift mode must be one of {SHIFT_MODES}, got {mode!r}")
+        k = self._check_k(k)
         src, dst = [], []
         for v in range(self.n_views):
-            for f in range(self.n_frames - 1):
-                s_rng, d_rng = self.frame_slots[v][f + 1], self.frame_slots[v][f]
+            for f in range(self.n_frames - k):
+                s_rng, d_rng = self.frame_slots[v][f + k], self.frame_slots[v][f]
                 if mode == "block":
-                    s_lab, d_lab = self.label_slots[v][f + 1], self.label_slots[v][f]
+                    s_lab, d_lab = self.label_slots[v][f + k], self.label_slots[v][f]
                     if s_lab[1] - s_lab[0] != d_lab[1] - d_lab[0]:
                         raise ValueError(
-                            f"block shift needs equal label lengths, view {v}: frame {f + 1} label has "
+                            f"block shift needs equal label lengths, view {v}: frame {f + k} label has "
                             f"{s_lab[1] - s_lab[0]} slots, frame {f} has {d_lab[1] - d_lab[0]}"
                         )
                     s_rng, d_rng = (s_lab[0], s_rng[1]), (d_lab[0], d_rng[1])
@@ -201,22 +213,27 @@ class StreamingLayout:
                 dst.append(torch.arange(*d_rng))
         return torch.cat(src), torch.cat(dst)
 
-    def new_frame_slots(self) -> torch.Tensor:
-        """Slots of the newest frame of each view, view-major (where the 4 new images are written)."""
-        return torch.cat([torch.arange(*self.frame_slots[v][-1]) for v in range(self.n_views)])
+    def new_frame_slots(self, k: int = 1) -> torch.Tensor:
+        """Slots of the newest k frames of each view, view-major and oldest first within a view (where
+        the 4*k new images are written, in the order frames[:, -k:] flattens to)."""
+        k = self._check_k(k)
+        return torch.cat([torch.arange(*self.frame_slots[v][f])
+                          for v in range(self.n_views) for f in range(self.n_frames - k, self.n_frames)])
 
-    def streaming_query_slots(self) -> torch.Tensor:
-        """Query slots of a streaming window: the last-frame block of each view ++ the tail range."""
-        return torch.cat([self.new_frame_slots(), torch.arange(*self.tail)])
+    def streaming_query_slots(self, k: int = 1) -> torch.Tensor:
+        """Query slots of a streaming window with k new frames per view: the last k frame blocks of each
+        view (oldest first) ++ the tail range."""
+        return torch.cat([self.new_frame_slots(k), torch.arange(*self.tail)])
 
-    def streaming_mask(self, max_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Additive mask [1, 1, Q, max_len]: 0 where a query row may attend, dtype-min elsewhere.
+    def streaming_mask(self, max_len: int, dtype: torch.dtype = torch.float32, k: int = 1) -> torch.Tensor:
+        """Additive mask [1, 1, Q, max_len] for `streaming_query_slots(k)`: 0 where a query row may
+        attend, dtype-min elsewhere.
 
         Query row q sits at slot s_q and sees keys k with k <= s_q and k < prefill_len (see module doc).
         """
         if max_len < self.prefill_len:
             raise ValueError(f"max_len {max_len} is smaller than prefill_len {self.prefill_len}")
-        q_slots = self.streaming_query_slots()
+        q_slots = self.streaming_query_slots(k)
         keys = torch.arange(max_len)
         visible = (keys[None, :] <= q_slots[:, None]) & (keys[None, :] < self.prefill_len)
         mask = torch.zeros(visible.shape, dtype=dtype)

@@ -44,9 +44,11 @@ PARAMETERS: tuple = (
     ("time_jump_ms", 1000.0,
      "An input stamp this far behind the previous one is a clock reset / loop (reset); less is out-of-order "
      "(dropped)."),
-    ("reset_gap_ms", 150.0,
-     "Reset the streaming state when a window's t0 is more than this after the previous processed one "
-     "(streaming assumes consecutive 0.1 s windows; a dropped or rejected window breaks that)."),
+    ("reset_gap_ms", 350.0,
+     "Reset the streaming state when a window's t0 is more than this after the previous processed one. "
+     "The engine itself continues its stream across gaps of 1-3 windows (0.1/0.2/0.3 s +- 50 ms: "
+     "dropped windows on slow hardware, re-encoding only the new frames) and resets on larger ones, so "
+     "the default 350 ms lets the engine decide; lower it (e.g. 150) to force a full prefill after any drop."),
     # --- model / engine
     ("model", "tiny", "'tiny' (shipped checkpoint) or a checkpoint directory (config.json + safetensors)."),
     ("device", "cpu", "torch device, e.g. 'cpu', 'cuda', 'cuda:0'."),
