@@ -14,6 +14,7 @@ from flashdrive_ros.engine.engine import DriveEngine
 from flashdrive_ros.engine.loader import TINY_DIR, create_tiny, load_model
 from flashdrive_ros.engine.streaming import StreamingLayout
 from flashdrive_ros.engine.tokens import load_tokenizer
+from test_engine_streaming_layout import classify  # slot kind from the ranges only
 
 torch.set_num_threads(2)
 
@@ -34,22 +35,6 @@ def synthetic_ids() -> list[int]:
 @pytest.fixture
 def layout() -> StreamingLayout:
     return StreamingLayout.from_ids(synthetic_ids(), VS, VE, N_VIEWS, N_FRAMES, prefix_len=PREFIX)
-
-
-def classify(slot: int, layout: StreamingLayout):
-    """(kind, view, frame, offset) of a slot, from the ranges only."""
-    if slot < layout.prefix_len:
-        return ("prefix", None, None, slot)
-    for v in range(layout.n_views):
-        for f in range(layout.n_frames):
-            lab, fr = layout.label_slots[v][f], layout.frame_slots[v][f]
-            if lab[0] <= slot < lab[1]:
-                return ("label", v, f, slot - lab[0])
-            if fr[0] <= slot < fr[1]:
-                return ("frame", v, f, slot - fr[0])
-    if layout.tail[0] <= slot < layout.tail[1]:
-        return ("tail", None, None, slot - layout.tail[0])
-    return ("beyond", None, None, None)
 
 
 def expected_visible(q_slot: int, k_slot: int, layout: StreamingLayout, k: int) -> bool:
