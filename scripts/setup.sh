@@ -28,6 +28,13 @@ if ! python -c 'import torch' 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
 
+# Triton: the engine's GPU kernels (engine/*_kernel*.py) are tested on the CPU through Triton's interpreter
+# (TRITON_INTERPRET=1). A CUDA torch brings its own matching triton; only install one when none is present.
+if ! python -c 'import triton' 2>/dev/null; then
+  say "installing triton==3.6.0 (CPU tests run its interpreter)"
+  pip install -q "triton==3.6.0"
+fi
+
 stamp=".venv/.requirements-$(cat requirements.txt requirements-ros.txt 2>/dev/null | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   say "installing Python requirements"
