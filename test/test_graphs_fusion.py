@@ -247,3 +247,41 @@ def test_fast_path_is_bitwise_equal_to_eager_in_bf16_on_cpu(parts):
     ref, _ = eager(x, c1, slots, causal_mask(slots, L).bfloat16(), L)
     out, _ = graphs.lm_forward(fast, x, c2, slots, graphs.causal_slot_mask(slots, L, torch.bfloat16), L)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_output_head_is_padded_to_a_gemm_friendly_width_without_changing_logits():
+    head = torch.nn.Linear(32, 1001, bias=False)  # an odd vocabulary, like the real 155 697
+    _randomize(head, 5)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = head
+
+    net = Net()
+    x = torch.randn(3, 7, 32)
+    ref = net.lm_head(x)
+    keys = {k: v.clone() for k, v in net.state_dict().items()}
+    assert graphs.fuse_projections(net) == 1
+    assert graphs.fuse_projections(net) == 0  # idempotent
+    assert net.lm_head.padded_weight.shape == (1024, 32)
+    assert not net.lm_head.padded_weight[1001:].any()
+    assert net.lm_head.weight.data_ptr() == net.lm_head.padded_weight.data_ptr()  # one copy of the data
+    out = net.lm_head(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert net.state_dict().keys() == keys.keys()
+    torch.testing.assert_close(net.state_dict()["lm_head.weight"], keys["lm_head.weight"], rtol=0, atol=0)
+    banned = (990, 1000)
+    assert torch.equal(graphs.greedy_token(out, banned), graphs.greedy_token(ref, banned))
+
+
+def test_stages_stated_with_key_limit_match_eager_modules():
+    """key_limit (row q sees keys j < key_limit[q]) is the form the Triton kernels take; without them
+    (CPU, no interpreter) it becomes the equivalent additive mask and must give the eager result."""
+    from kernel_path_check import run
+
+    err = run()
+    assert err.pop("kernels") == 0.0  # this process runs the PyTorch path
+    bad = {k: v for k, v in err.items() if not v < 1e-5}
+    assert not bad, bad

@@ -302,6 +302,9 @@ class OursPipeline:
                 mask = G.causal_slot_mask(slots, self.n_pref, self.dtype, limit=torch.tensor(self.L, device=self.device))
             vis_idx = vis.nonzero().flatten()
             mask = G.fold_mask(mask, lm.layers[0].self_attn.n_heads // lm.layers[0].self_attn.n_kv)
+            limit = (slots + 1).clamp(max=self.L)  # row sees keys <= its slot and < L (the mask above)
+            if G.kernels_usable(limit):
+                mask = None  # the kernel path needs no mask: do not keep ~80 MB of it alive
             n_pref = self.n_pref
 
             def fn(ids, emb, d0, d1, d2):
@@ -309,7 +312,7 @@ class OursPipeline:
                     G.cache_shift(cache, self.shift_src, self.shift_dst)
                 x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(self.dtype))[None]
                 h, _ = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
-                                    mask_folded=True)
+                                    mask_folded=True, key_limit=limit)
                 return self._greedy(h[:, -1])
 
             out = enc.outputs if enc.outputs is not None else enc()
@@ -325,7 +328,7 @@ class OursPipeline:
 
             def fn(tok, cur, out, step):
                 x = lm.embed_tokens(tok)[None]
-                h, _ = G.lm_forward(lm, x, cache, cur, G.causal_slot_mask(cur, n, self.dtype), n)
+                h, _ = G.lm_forward(lm, x, cache, cur, None, n, key_limit=cur + 1)
                 nxt = self._greedy(h[:, -1])
                 out.index_copy_(0, step, nxt)
                 tok.copy_(nxt)
@@ -347,8 +350,8 @@ class OursPipeline:
 
             def fn(block, start):
                 slots = start + ar
-                h, cap = G.lm_forward(lm, lm.embed_tokens(block)[None], cache, slots,
-                                      G.causal_slot_mask(slots, n, self.dtype), n, capture_layers=layers)
+                h, cap = G.lm_forward(lm, lm.embed_tokens(block)[None], cache, slots, None, n,
+                                      capture_layers=layers, key_limit=slots + 1)
                 return self._greedy(h[0]), torch.cat([cap[i] for i in layers], dim=-1)
 
             z = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -376,11 +379,12 @@ class OursPipeline:
             ar = torch.arange(self.n_act, device=self.device)
 
             def fn(noise, n_ctx):
-                act_slots = n_ctx + ar
-                mask = G.action_mask(n_ctx, act_slots, n, self.dtype)
+                act_slots = n_ctx + ar  # right after the context: every action row sees keys < n_ctx + T
+                limit = n_ctx + self.n_act
 
                 def velocity(x, t):
-                    h = G.expert_forward(m.expert, m.action_in_proj(x, t), cache, act_slots, mask, n)
+                    h = G.expert_forward(m.expert, m.action_in_proj(x, t), cache, act_slots, None, n,
+                                         key_limit=limit)
                     return m.action_velocity(h)
 
                 return sample(velocity, noise, sched)
@@ -410,7 +414,7 @@ class OursPipeline:
         lim = torch.tensor(self.L, device=self.device)
         h_f, _ = G.lm_forward(self.lm, x, self.cache, self.full_slots,
                               G.causal_slot_mask(self.full_slots, self.n_pref, self.dtype, limit=lim), self.n_pref,
-                              self.vis_full.nonzero().flatten(), deep)
+                              self.vis_full.nonzero().flatten(), deep, key_limit=self.full_slots + 1)
         out["prefill"] = rel(h_f, h_e)
         n_ctx = self.L
         emb = self.model.action_in_proj(self.noise, torch.full((1,), 0.5, device=self.device))
@@ -418,7 +422,7 @@ class OursPipeline:
         v_e = self.model.expert(emb, self.cache, n_ctx, self.cache.positions[:, act])
         v_f = G.expert_forward(self.model.expert, emb, self.cache, act,
                                G.action_mask(torch.tensor(n_ctx, device=self.device), act, self.max_len, self.dtype),
-                               self.max_len)
+                               self.max_len, key_limit=torch.tensor(n_ctx + self.n_act, device=self.device))
         out["action"] = rel(v_f, v_e)
         return out
 

@@ -64,6 +64,33 @@ class FusedMLP(MLP):
         return self.down_proj(F.silu(gate) * up)
 
 
+class PaddedHead(nn.Linear):
+    """Output head whose GEMM runs over `padded_weight` ([out rounded up to a multiple of 64, in]) and
+    returns the first `out_features` columns (a view). cuBLAS has no fast kernel for an odd output
+    width: the real vocabulary (155 697 rows) ran 2.7x slower at 8 rows than its padded width on an H100
+    (scripts/gpu_profile.py). `weight` is a row slice of the padded buffer, so keys and memory stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.padded_weight, None)[..., :self.out_features]
+
+
+HEAD_MULTIPLE = 64
+
+
+@torch.no_grad()
+def pad_output_head(lin: nn.Linear, multiple: int = HEAD_MULTIPLE) -> bool:
+    """Give a bias-free Linear a zero-padded weight buffer of a GEMM-friendly width (in place; idempotent)."""
+    if isinstance(lin, PaddedHead) or lin.bias is not None or lin.out_features % multiple == 0:
+        return False
+    rows = (lin.out_features + multiple - 1) // multiple * multiple
+    padded = lin.weight.new_zeros(rows, lin.in_features)
+    padded[:lin.out_features] = lin.weight
+    lin.register_buffer("padded_weight", padded, persistent=False)
+    lin.weight = nn.Parameter(padded[:lin.out_features], requires_grad=lin.weight.requires_grad)
+    lin.__class__ = PaddedHead
+    return True
+
+
 def _fuse_linears(owner: nn.Module, names: tuple[str, ...], buffer: str, bias_buffer: str | None) -> None:
     """Concatenate the weights of owner.<names> row-wise into one buffer and re-point each Linear's
     weight (and bias) to its slice, so there is a single copy of the data."""
@@ -86,11 +113,13 @@ def _fuse_linears(owner: nn.Module, names: tuple[str, ...], buffer: str, bias_bu
 
 @torch.no_grad()
 def fuse_projections(module: nn.Module) -> int:
-    """Fuse Q/K/V and gate/up in every Attention / MLP under `module` (idempotent). Returns how many
-    modules were fused. Call after the weights are loaded."""
+    """Fuse Q/K/V and gate/up in every Attention / MLP under `module` and pad an `lm_head` to a
+    multiple of 64 rows (idempotent). Returns how many modules changed. Call after the weights are loaded."""
     count = 0
-    for m in list(module.modules()):
-        if type(m) is Attention:
+    for name, m in list(module.named_modules()):
+        if name.split(".")[-1] == "lm_head" and type(m) is nn.Linear:
+            count += pad_output_head(m)
+        elif type(m) is Attention:
             _fuse_linears(m, ("q_proj", "k_proj", "v_proj"), "qkv_weight", "qkv_bias")
             m.__class__ = FusedAttention
             count += 1
@@ -349,6 +378,63 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
     return h, captured
 
 
+# ------------------------------------------------------------------------------- Triton kernels
+# On CUDA the cache-side work of each layer runs as Triton kernels (engine/cache_kernels.py: q/k norm +
+# rotary + the three cache stores in one kernel; the streaming slot shift) and attention over the
+# cache as a split-K kernel with a per-row key limit (engine/attention_kernel.py), when the caller
+# states its mask as `key_limit` (row q sees keys j < key_limit[q]). Elsewhere, or with the kernels
+# switched off, the same functions run the PyTorch path above with the equivalent additive mask.
+
+_KERNELS = {"enabled": True}
+
+
+def set_kernels(enabled: bool) -> None:
+    """Switch the Triton kernels of the fast path on/off (the PyTorch path computes the same function)."""
+    _KERNELS["enabled"] = bool(enabled)
+
+
+def _kernel_module(name: str, t: torch.Tensor):
+    """engine.<name> when its kernels can run on t (CUDA + triton, or Triton's interpreter), else None."""
+    if not _KERNELS["enabled"]:
+        return None
+    try:
+        import importlib
+
+        mod = importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        return None
+    return mod if mod.available(t) else None
+
+
+def limit_mask(key_limit: torch.Tensor, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """key_limit [Q] (or a 0-d tensor for every row) -> the additive mask [1, 1, Q|1, n_keys]."""
+    keys = torch.arange(n_keys, device=key_limit.device)
+    visible = keys < key_limit.reshape(-1, 1)
+    zero = torch.zeros((), dtype=dtype, device=key_limit.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key_limit.device)
+    return torch.where(visible, zero, neg)[None, None]
+
+
+def _store_and_attend(i: int, attn, q, k, v, cos, sin, cache, slots, n: int, key_limit, batch: int,
+                      store_pre_rope: bool = True):
+    """Kernel path of one layer's attention: norm + rotary + cache stores in one kernel, then split-K
+    attention over the first n key slots."""
+    ck, ak = _kernel_module("cache_kernels", q), _kernel_module("attention_kernel", q)
+    qr = ck.qk_norm_rope_store(q, k, v, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
+                               cache, i, slots, store_pre_rope=store_pre_rope)
+    b, h, qn, d = qr.shape
+    keys = cache.k_rot[i, :, :, :n].expand(batch, -1, -1, -1)
+    values = cache.v[i, :, :, :n].expand(batch, -1, -1, -1)
+    limit = key_limit.reshape(-1).expand(qn) if key_limit.numel() == 1 else key_limit
+    out = ak.slot_attention(qr.reshape(b, attn.n_kv, (h // attn.n_kv) * qn, d), keys, values, limit)
+    return out.reshape(b, h, qn, d)
+
+
+def kernels_usable(t: torch.Tensor) -> bool:
+    """Whether lm_forward / expert_forward given a key_limit take the Triton kernel path for t."""
+    return _kernel_module("attention_kernel", t) is not None and _kernel_module("cache_kernels", t) is not None
+
+
 # ---------------------------------------------------------------------------------- cache (no sync)
 
 def cache_write(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -364,6 +450,10 @@ def cache_write(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torc
 def cache_shift(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
     """StaticKVCache.shift without host checks: one gather/scatter over all layers, keys re-rotated
     at the destination slots' positions."""
+    ck = _kernel_module("cache_kernels", cache.k)
+    if ck is not None:
+        ck.shift_slots(cache, src, dst)
+        return
     cache.k[:, :, :, dst] = cache.k[:, :, :, src]
     cache.v[:, :, :, dst] = cache.v[:, :, :, src]
     cache.k_rot[:, :, :, dst] = apply_rotary(cache.k[:, :, :, dst], cache.cos[dst], cache.sin[dst])
@@ -385,21 +475,28 @@ def causal_slot_mask(q_slots: torch.Tensor, n_keys: int, dtype: torch.dtype, lim
 
 def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tensor | None, n: int,
                vis_idx: torch.Tensor | None = None, deepstack: list[torch.Tensor] | None = None,
-               capture_layers: tuple[int, ...] = (), mask_folded: bool = False
-               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               capture_layers: tuple[int, ...] = (), mask_folded: bool = False,
+               key_limit: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """TextModel.forward without host syncs. x [B, Q, H]; slots [Q]; mask additive [1|B, 1, Q, n]
     (or already `fold_mask`-ed when mask_folded: constant prefill masks are folded once at build);
     vis_idx LongTensor [n_vis] = query rows of image tokens (replaces the bool visual_pos_mask);
-    deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs)."""
+    deepstack[i] [n_vis, H] added after layer i. Returns (normed hidden, captured layer outputs).
+    key_limit [Q] (optional, replaces mask): row q sees keys j < key_limit[q]; with it the Triton
+    kernels run where they can."""
     b = x.shape[0]
     cos, sin = cache.cos[slots].to(x.dtype), cache.sin[slots].to(x.dtype)
     a0 = lm.layers[0].self_attn
-    if mask is not None:
+    use_kernels = key_limit is not None and kernels_usable(x)
+    if key_limit is not None and not use_kernels:
+        mask, mask_folded = limit_mask(key_limit, n, x.dtype), False
+    if mask is not None and not use_kernels:
         mask = mask.to(x.dtype)
         if not mask_folded:
             mask = fold_mask(mask, a0.n_heads // a0.n_kv)
 
     def attend(i, attn, q, k, v):
+        if use_kernels:
+            return _store_and_attend(i, attn, q, k, v, cos, sin, cache, slots, n, key_limit, b)
         qr, kn, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
         cache.k[i, :, :, slots] = kn.to(cache.dtype)
         cache.v[i, :, :, slots] = v.to(cache.dtype)
@@ -412,18 +509,26 @@ def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tens
 
 
 def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, mask: torch.Tensor | None,
-                   n: int) -> torch.Tensor:
+                   n: int, key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Expert.forward without host syncs and without concatenating keys: the T action tokens write
     their K/V into the cache's reserved action slots `act_slots` (positions there = slot position of
     n_ctx + arange(T), equal on all axes: the contract's action positions) and attend over key slots
     [0, n) with `mask` hiding everything that is neither context (< n_ctx) nor an action slot.
-    emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length."""
+    emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length.
+    key_limit (optional, 0-d or [T]): with act_slots = n_ctx + arange(T), n_ctx + T; the Triton
+    kernels then run where they can (not for K samples over a shared batch-1 cache)."""
     k_samples = emb.shape[0]
     cos, sin = cache.cos[act_slots].to(emb.dtype), cache.sin[act_slots].to(emb.dtype)
     a0 = expert.layers[0].self_attn
+    use_kernels = key_limit is not None and cache.batch == k_samples and kernels_usable(emb)
+    if key_limit is not None and not use_kernels and mask is None:
+        mask = limit_mask(key_limit, n, emb.dtype)
     mask = fold_mask(None if mask is None else mask.to(emb.dtype), a0.n_heads // a0.n_kv)
 
     def attend(i, attn, q, k, v):
+        if use_kernels:  # action slots are scratch: their pre-RoPE keys are never read
+            return _store_and_attend(i, attn, q, k, v, cos, sin, cache, act_slots, n, key_limit, k_samples,
+                                     store_pre_rope=False)
         qr, kn, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
         if cache.batch == k_samples:
             cache.k[i, :, :, act_slots] = kn.to(cache.dtype)
@@ -580,8 +685,8 @@ class StageGraph:
 
 
 __all__ = [
-    "FusedAttention", "FusedMLP", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
+    "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "set_compile", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
 ]
