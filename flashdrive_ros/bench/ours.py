@@ -443,6 +443,31 @@ class OursPipeline:
         out["action"] = rel(v_f, v_e)
         return out
 
+    @torch.no_grad()
+    def stage_outputs(self, fast: bool) -> dict[str, torch.Tensor]:
+        """Encode -> full prefill -> one expert pass (t = 0.5), chained, through the eager engine modules
+        or the fast stage functions (fused, compiled, Triton kernels on CUDA): for comparing paths and
+        dtypes against a float32 reference (scripts/gpu_fp32_reference.py)."""
+        n_ctx = self.L
+        emb = self.model.action_in_proj(self.noise, torch.full((1,), 0.5, device=self.device))
+        act = torch.arange(n_ctx, n_ctx + self.n_act, device=self.device)
+        if not fast:
+            img, deep = self.encode_eager(False)
+            x = self._embed(self.ids, img, self.vis_full)
+            h, _ = self.lm(x, self.cache, self.full_slots, causal_mask(self.full_slots, self.L).to(self.dtype),
+                           self.L, self.vis_full, deep)
+            v = self.model.expert(emb, self.cache, n_ctx, self.cache.positions[:, act])
+        else:
+            self._ensure_fused()
+            st = G.vision_static(self.model.visual, self.w.image_grid_thw)
+            img, deep = G.vision_forward(self.model.visual, self.w.pixel_values, st)
+            x = self._embed(self.ids, img, self.vis_full)
+            h, _ = G.lm_forward(self.lm, x, self.cache, self.full_slots, None, self.n_pref,
+                                self.vis_full.nonzero().flatten(), deep, key_limit=self.full_slots + 1)
+            v = G.expert_forward(self.model.expert, emb, self.cache, act, None, self.max_len,
+                                 key_limit=torch.tensor(n_ctx + self.n_act, device=self.device))
+        return {"encode": img.clone(), "prefill": h.clone(), "action": v.clone()}
+
     # ------------------------------------------------------------------ one window
     @torch.no_grad()
     def full_prefill_window(self) -> None:

@@ -81,14 +81,23 @@ def get_shape(name: str) -> Shape:
         # 1080x1920 -> 320x576 -> (1, 20, 36) patches -> 180 tokens (alpamayo.md §3).
         return Shape("full", full_config(), 4, 4, (20, 36), prefix_len=20, view_label_len=4,
                      frame_label_len=1, tail_len=71)
+    if name == "full4":
+        # the full widths with 4 LM / expert / vision layers: every kernel sees the real shapes, and a
+        # float32 copy fits next to a bf16 one (scripts/gpu_fp32_reference.py)
+        cfg = full_config()
+        cfg.text.num_hidden_layers = 4
+        cfg.vision.depth = 4
+        cfg.vision.deepstack_visual_indexes = (1, 2, 3)
+        return Shape("full4", cfg.validate(), 4, 4, (20, 36), prefix_len=20, view_label_len=4,
+                     frame_label_len=1, tail_len=71)
     if name == "tiny":
         # tiny preset: 1080x1920 -> 128x224 -> (1, 8, 14) patches -> 28 tokens (docs/DESIGN.md).
         return Shape("tiny", tiny_config(), 4, 4, (8, 14), prefix_len=20, view_label_len=4,
                      frame_label_len=1, tail_len=71)
-    raise ValueError(f"unknown shape {name!r}; known: tiny, full")
+    raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
 
 
-SHAPES = ("tiny", "full")
+SHAPES = ("tiny", "full", "full4")
 
 
 def special_id(cfg: AlpamayoConfig, name: str) -> int:
