@@ -219,6 +219,13 @@ def fused_qk_prep(q: torch.Tensor, k: torch.Tensor, qw: torch.Tensor, kw: torch.
 
 
 @_fused
+def fused_add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+    """Vision residual add followed by the next LayerNorm: returns (x + a, layer_norm(x + a))."""
+    y = x + a
+    return y, F.layer_norm(y, (y.shape[-1],), w, b, eps)
+
+
+@_fused
 def fused_swiglu(gu: torch.Tensor) -> torch.Tensor:
     gate, up = gu.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -603,9 +610,11 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
     cos, sin = st.cos.unsqueeze(-2).float(), st.sin.unsqueeze(-2).float()
     deep: list[torch.Tensor] = []
     ds_index = list(tower.deepstack_visual_indexes)
-    for li, blk in enumerate(tower.blocks):
+    blocks = list(tower.blocks)
+    h = blocks[0].norm1(x)
+    for li, blk in enumerate(blocks):
         a = blk.attn
-        qkv = a.qkv(blk.norm1(x)).reshape(n_tok, 3, a.num_heads, -1)
+        qkv = a.qkv(h).reshape(n_tok, 3, a.num_heads, -1)
         q, k, v = qkv.unbind(1)
         q, k = fused_vision_rotary(q, k, cos, sin)  # float32 rotary, as transformers does
 
@@ -613,8 +622,15 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
             return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
-        x = x + a.proj(o.transpose(1, 2).reshape(n_tok, hid))
-        x = x + blk.mlp(blk.norm2(x))
+        # residual adds fused into the LayerNorm that follows them (one kernel instead of two)
+        x, h2 = fused_add_layer_norm(x, a.proj(o.transpose(1, 2).reshape(n_tok, hid)), blk.norm2.weight,
+                                     blk.norm2.bias, blk.norm2.eps)
+        m = blk.mlp(h2)
+        if li + 1 < len(blocks):
+            nxt = blocks[li + 1].norm1
+            x, h = fused_add_layer_norm(x, m, nxt.weight, nxt.bias, nxt.eps)
+        else:
+            x = x + m
         if li in ds_index:
             deep.append(tower.deepstack_merger_list[ds_index.index(li)](x))
     return tower.merger(x), deep
