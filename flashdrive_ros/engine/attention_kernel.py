@@ -1,0 +1,328 @@
+"""Attention over KV-cache key slots with one key limit per query (flash-decoding; issue 7).
+
+    out = slot_attention(q, k, v, key_limit)      # q [B, KV, R, D], k/v [B, KV, N, D], key_limit [Q]
+
+Every mask of the fast path (graphs.py) is "query q sees the key slots j < key_limit[q]":
+decode / verify / full and streaming prefill rows see keys <= their own slot and < the valid length
+(limit = min(slot + 1, L)); the action stage's 64 tokens see the context and their own slots placed
+right after it (limit = n_ctx + 64). Queries arrive GQA-folded (graphs.gqa_attention): kv head `h`
+carries its g query heads as R = g * Q rows, row r being query r % Q.
+
+Why a kernel: with few query rows (decode R=4, verify 32, action 128) SDPA runs one thread block per
+(batch, kv head), 8 in all, and reads the 12.8 MB of K/V at ~0.17 TB/s. Here the key axis is split
+over S programs per row tile, each does an online softmax over its chunk and writes a partial
+(o, m, l) in fp32, and a second small kernel merges the S partials (flash-decoding). With many rows
+(prefill) the row tiles alone fill the GPU, so there is one program per row tile and no split.
+In both, a program stops at the largest limit of its rows, so key blocks nobody in the tile sees
+(past the valid length, the causal upper triangle) are never read.
+
+Graph-safe: no host synchronisation; grid, split count and block sizes come from static shapes and
+the (cached) SM count only. `slot_attention_reference` is the specification in plain PyTorch.
+Tuning: FEW_ROWS / MANY_ROWS / PROGRAMS_PER_SM / MIN_SPLIT_KEYS below (scripts/gpu_attention_check.py
+times the alternatives on the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference still works, available() says False
+    triton = None
+    tl = None
+
+
+# --------------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration. block_m: query rows per program (>= 16, tl.dot's minimum; capped by the
+    row count in the few-rows regime); block_n: keys per inner step; splits: key-axis splits
+    (0 = automatic, 1 = no split)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int = 0
+
+
+# Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
+FEW_ROWS = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=0)
+# Many rows (prefill): row tiles fill the GPU; bigger tiles reuse each K/V block for more rows.
+MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
+# Split regime target: about this many programs per SM (several waves hide the tail of the last one).
+PROGRAMS_PER_SM = 3
+# Each split reads at least this many keys: shorter chunks cost more in partial writes and merging
+# (a split writes block_m x D fp32 per row tile) than they gain in parallelism.
+MIN_SPLIT_KEYS = 128
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config  # block_m already capped to the rows
+    splits: int     # programs along the key axis per row tile
+    chunk: int      # keys per split (a multiple of block_n)
+    row_tiles: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of t's GPU (cached); a nominal 4 off the GPU (interpreter)."""
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        if t.is_cuda else 4
+
+
+def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | None = None) -> Plan:
+    """Pick regime, blocks and split count from static shapes only (so the same plan is captured)."""
+    if config is None:
+        many = _cdiv(rows, MANY_ROWS.block_m) * batch_heads >= sms
+        config = MANY_ROWS if many else FEW_ROWS
+        if not many:  # a tile no taller than the rows (tl.dot needs 16)
+            config = replace(config, block_m=min(config.block_m, max(16, _pow2_at_least(rows))))
+    tiles = _cdiv(rows, config.block_m)
+    splits = config.splits
+    if splits == 0:
+        wanted = _cdiv(PROGRAMS_PER_SM * sms, tiles * batch_heads)
+        splits = min(wanted, _cdiv(n_keys, max(MIN_SPLIT_KEYS, config.block_n)))
+    splits = max(1, min(splits, _cdiv(n_keys, config.block_n)))
+    chunk = _cdiv(_cdiv(n_keys, splits), config.block_n) * config.block_n
+    return Plan(config, _cdiv(n_keys, chunk), chunk, tiles)
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """triton 3.6's interpreter turns loop bounds into ints with int(array of shape (1,)), which numpy
+    >= 2.4 refuses (triton-lang/triton#9171, fixed upstream in #9172). Index through the one element."""
+    import numpy as np
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+    if getattr(interpreter._patch_lang_tensor, "_numpy_2_4", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._numpy_2_4 = True
+    interpreter._patch_lang_tensor = patched
+
+
+if triton is not None:
+    if _interpreting():
+        _patch_interpreter_for_numpy_2_4()
+
+    @triton.jit
+    def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, limit, n_keys, qk_scale,
+                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax step over keys [start, start + BLOCK_N). Scores are in log2 units
+        (qk_scale includes log2 e) so exp2 can be used. MASKED: some row of the tile may not see
+        some key of this block (or the block runs past the end): mask loads and scores."""
+        keys = start + offs_n
+        if MASKED:
+            inside = (keys < n_keys)[:, None]
+            k = tl.load(k_ptrs, mask=inside, other=0.0)
+            v = tl.load(v_ptrs, mask=inside, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        k = k.to(q.dtype)  # no-op unless the cache dtype differs (or UPCAST made q fp32)
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(keys[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; shift by 0 then so that p = exp2(-inf) = 0
+        # instead of exp2(-inf - -inf) = NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _slot_attention_fwd(Q, K, V, LIMIT, OUT, O_PART, M_PART, L_PART,
+                            sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_r,
+                            s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (row tile, b * KV + h, split): attention of BLOCK_M folded rows over the keys
+        [split * chunk, (split + 1) * chunk) that some row of the tile sees. SPLIT: write the
+        unnormalised partial (acc, m, l) for _merge_splits; otherwise the final output."""
+        # Later row tiles tend to see more keys (causal rows, the tail after the frames): start them
+        # first so that the short tiles fill the last wave.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = pid_bh // n_kv
+        h = pid_bh % n_kv
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+
+        # Folded row r is query r % Q. Limits are clamped to [0, N]; padding rows get 0.
+        limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
+        limit = tl.minimum(tl.maximum(limit.to(tl.int32), 0), n_keys)
+        # This program's keys: its chunk, cut at the largest limit of the tile. Below `full` (the
+        # smallest limit of the real rows, rounded down to a block) every row sees every key, so
+        # those blocks need no mask; chunk starts are block multiples, so [lo, mid) is whole blocks.
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, tl.max(limit, 0))
+        full = tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N
+        mid = tl.maximum(lo, tl.minimum(hi, full))
+
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_r + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+            q = q.to(tl.float32)
+        k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
+        v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
+
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(lo, mid, BLOCK_N):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
+                                          start, offs_n, limit, n_keys, qk_scale,
+                                          False, PRECISION)
+        for start in range(mid, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
+                                          start, offs_n, limit, n_keys, qk_scale,
+                                          True, PRECISION)
+
+        if SPLIT:  # partials laid out [B*KV, R, S, (D)] so the merge reads one row's splits at once
+            part = (pid_bh * n_rows + rows) * n_splits + pid_s
+            tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(M_PART + part, m_i, mask=row_ok)
+            tl.store(L_PART + part, l_i, mask=row_ok)
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+            tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_r + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_r, n_kv, n_rows, n_splits,
+                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Program (row, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+        r = tl.program_id(0)
+        bh = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, HEAD_DIM)
+        s_ok = offs_s < n_splits
+        part = (bh * n_rows + r) * n_splits + offs_s
+        m = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
+        l = tl.load(L_PART + part, mask=s_ok, other=0.0)
+        acc = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_all = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # splits that saw nothing: 0
+        denom = tl.sum(w * l, 0)
+        out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+        b = bh // n_kv
+        h = bh % n_kv
+        tl.store(OUT + b * so_b + h * so_h + r * so_r + offs_d, out.to(OUT.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------ API
+
+def available(t: torch.Tensor) -> bool:
+    """True when the Triton kernel can run on tensor t: a CUDA tensor with triton importable, or
+    any tensor while Triton's interpreter (TRITON_INTERPRET=1, set before import) is on."""
+    return triton is not None and (t.is_cuda or _interpreting())
+
+
+def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
+                   scale: float | None = None, config: Config | None = None) -> torch.Tensor:
+    """Attention of folded queries q [B, KV, R, D] over k/v [B, KV, N, D] (any strides, last dim
+    contiguous; a batch-1 cache `.expand`ed over B is fine) where folded row r (query r % Q) sees
+    the keys j < key_limit[r % Q]; key_limit: integer tensor [Q] on q's device. Softmax in fp32,
+    result [B, KV, R, D] in q's dtype; a row that sees no key is 0. No host sync (graph-capturable).
+    `config` overrides the automatic plan (tests, tuning). Without Triton: the reference."""
+    if not available(q):
+        return slot_attention_reference(q, k, v, key_limit, scale)
+    b, n_kv, rows, d = q.shape
+    n_keys = k.shape[2]
+    if k.shape != (b, n_kv, n_keys, d) or v.shape != k.shape:
+        raise ValueError(f"k/v must be [B, KV, N, D] = [{b}, {n_kv}, N, {d}], got {tuple(k.shape)} / {tuple(v.shape)}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    if key_limit.dim() != 1 or rows % key_limit.shape[0]:
+        raise ValueError(f"key_limit must be [Q] with R = g * Q, got {tuple(key_limit.shape)} for R = {rows}")
+    if key_limit.device != q.device or key_limit.dtype.is_floating_point:
+        raise ValueError(f"key_limit must be an integer tensor on {q.device}, got {key_limit.dtype} on {key_limit.device}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v need a contiguous last dim")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    out = torch.empty((b, n_kv, rows, d), dtype=q.dtype, device=q.device)
+    if rows == 0 or b * n_kv == 0 or n_keys == 0:
+        return out.zero_()
+    p = plan(b * n_kv, rows, n_keys, sm_count(q), config)
+    c = p.config
+    split = p.splits > 1
+    if split:
+        o_part = torch.empty((b * n_kv, rows, p.splits, d), dtype=torch.float32, device=q.device)
+        m_part = torch.empty((b * n_kv, rows, p.splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+    else:  # unused pointers
+        o_part = m_part = l_part = out
+    upcast = _interpreting() and q.dtype != torch.float32
+    _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
+        q, k, v, key_limit, out, o_part, m_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
+        scale * math.log2(math.e),
+        HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, UPCAST=upcast,
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    if split:
+        _merge_splits[(rows, b * n_kv)](
+            o_part, m_part, l_part, out, out.stride(0), out.stride(1), out.stride(2),
+            n_kv, rows, p.splits, HEAD_DIM=d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
+    return out
+
+
+def slot_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
+                             scale: float | None = None) -> torch.Tensor:
+    """The specification in plain PyTorch: additive mask (0 where j < key_limit[r % Q], -inf
+    elsewhere), fp32 scores, softmax and weighted sum, cast back to q's dtype; rows without a
+    visible key are 0."""
+    rows, d, n_keys = q.shape[2], q.shape[3], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    limit = key_limit.to(q.device, torch.long)[torch.arange(rows, device=q.device) % key_limit.shape[0]]
+    visible = torch.arange(n_keys, device=q.device)[None, :] < limit[:, None]  # [R, N]
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros((), device=q.device))  # NaN rows -> 0
+    return torch.matmul(p, v.float()).to(q.dtype)

@@ -1,0 +1,301 @@
+"""Device check of slot_attention (engine/attention_kernel.py) at the full model shape, bf16.
+
+    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json]
+
+KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
+  decode (R = 4: g = 4, Q = 1), verify (R = 32: Q = 8), action (R = 128: g = 2, Q = 64, one limit),
+  streaming prefill (R = 3196: Q = 799 at scattered frozen slots), full prefill (R = 12140: Q = 3035, causal).
+1. Correctness of the default plan against slot_attention_reference (rel L2 < 1e-2) with the output and
+   workspace memory poisoned with NaN first, and once more through a CUDA graph replayed on new inputs
+   (the kernel must be capturable: no host sync).
+2. Timing (per call, from CUDA graphs of back-to-back calls, median of replays): slot_attention (default
+   plan, then a sweep of block sizes / warps / stages / splits), F.scaled_dot_product_attention with the
+   additive mask, graphs._attn_math. K/V are read from an 8-layer cache (102 MB, calls rotate layers and
+   3 query sets) so they come from HBM as in the model, not from the 50 MB L2.
+The sweep stops at --budget-s; the table (us, K/V TB/s over all 3136 slots, TFLOP/s of the visible
+scores) is printed last, with the winner per case and the defaults to put into attention_kernel.py.
+"""
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
+from flashdrive_ros.engine import graphs as G  # noqa: E402
+
+KV, D, N, VALID, LAYERS = 8, 128, 3136, 3057, 8
+DTYPE = torch.bfloat16
+DEV = "cuda"
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def streaming_slots() -> torch.Tensor:
+    """799 query slots of a k = 1 streaming window: the newest frame of each of 4 views (180 slots each,
+    views of 4 x (4 label + 180 frame) slots after a 34-slot prefix) and the 79-slot tail."""
+    prefix, label, frame = 34, 4, 180
+    view = 4 * (label + frame)
+    slots = [torch.arange(prefix + v * view + 3 * (label + frame) + label, prefix + (v + 1) * view) for v in range(4)]
+    tail_start = prefix + 4 * view
+    slots.append(torch.arange(tail_start, VALID))
+    s = torch.cat(slots)
+    assert s.numel() == 799, s.numel()
+    return s
+
+
+def cases() -> dict[str, tuple[int, torch.Tensor]]:
+    """name -> (groups g, key limits [Q]); R = g * Q."""
+    return {
+        "decode R=4": (4, torch.tensor([VALID])),                                   # row at slot VALID-1
+        "verify R=32": (4, torch.clamp(torch.arange(VALID - 8, VALID) + 1, max=VALID)),
+        "action R=128": (2, torch.full((64,), VALID)),                               # n_ctx + 64
+        "stream R=3196": (4, torch.clamp(streaming_slots() + 1, max=VALID)),
+        "prefill R=12140": (4, torch.arange(3035) + 1),                              # causal
+    }
+
+
+def additive_mask(limit: torch.Tensor, groups: int) -> torch.Tensor:
+    """The graphs.py mask of these limits: [1, 1, 1|Q, N] (one row when all rows agree), folded."""
+    lim = limit[:1] if bool((limit == limit[0]).all()) else limit
+    visible = torch.arange(N, device=limit.device)[None, :] < lim[:, None]
+    m = torch.where(visible, 0.0, torch.finfo(DTYPE).min).to(DTYPE)[None, None]
+    return G.fold_mask(m, groups)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def time_graph(call, n_calls: int, replays: int) -> float:
+    """us per call: n_calls back-to-back calls captured in one CUDA graph (call(i) rotates inputs),
+    median over replays. Warm-up (Triton / inductor compilation) runs on a side stream first."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            call(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            call(i)
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / n_calls)
+    del g
+    return statistics.median(ts)
+
+
+def capture(fn):
+    """(replay, output) of fn captured in a CUDA graph after a warm-up on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
+
+
+def poison(plan: A.Plan, rows: int) -> None:
+    """Leave NaN-filled blocks of the sizes slot_attention will allocate in the caching allocator."""
+    sizes = [(KV * rows * D, DTYPE)]
+    if plan.splits > 1:
+        sizes += [(KV * rows * plan.splits * D, torch.float32)] + [(KV * rows * plan.splits, torch.float32)] * 2
+    blocks = [torch.full((n,), float("nan"), dtype=dt, device=DEV) for n, dt in sizes]
+    torch.cuda.synchronize()
+    del blocks
+
+
+def cfg_name(c: A.Config | None, plan: A.Plan) -> str:
+    c = plan.config if c is None else c
+    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=150.0, help="stop the sweep after this many seconds")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    dev = torch.device(DEV)
+    assert A.available(torch.zeros(1, device=dev)), "needs CUDA and triton"
+    sms = A.sm_count(torch.zeros(1, device=dev))
+    print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, torch {torch.__version__}, triton {A.triton.__version__}")
+    torch.manual_seed(0)
+    k_cache = torch.randn(LAYERS, 1, KV, N + 16, D, device=dev, dtype=DTYPE)  # 16 spare slots: views, as in the engine
+    v_cache = torch.randn(LAYERS, 1, KV, N + 16, D, device=dev, dtype=DTYPE)
+    kv_bytes = 2 * KV * N * D * k_cache.element_size()
+    results: dict[str, list[dict]] = {}
+    checks: list[str] = []
+    failures = 0
+
+    # -------------------------------------------------------------- 1. correctness of the default plan
+    state = {}
+    for name, (g, limit) in cases().items():
+        limit = limit.to(dev)
+        rows = g * limit.numel()
+        qs = [torch.randn(1, KV, rows, D, device=dev, dtype=DTYPE) for _ in range(3)]
+        kv = [(k_cache[i, :, :, :N], v_cache[i, :, :, :N]) for i in range(LAYERS)]
+        plan = A.plan(KV, rows, N, sms)
+        ref = A.slot_attention_reference(qs[0], *kv[0], limit)
+        poison(plan, rows)
+        out = A.slot_attention(qs[0], *kv[0], limit)
+        err = rel_l2(out, ref)
+        nan = bool(out.isnan().any())
+        # Capturable: a graph captured on static buffers, replayed after new inputs were copied in.
+        sq, sl = qs[0].clone(), limit.clone()
+        replay, gout = capture(lambda: A.slot_attention(sq, *kv[1], sl))
+        sq.copy_(qs[1])
+        sl.copy_(torch.clamp(limit - 5, min=0))
+        replay()
+        gerr = rel_l2(gout, A.slot_attention_reference(qs[1], *kv[1], sl))
+        ok = err < 1e-2 and gerr < 1e-2 and not nan
+        failures += not ok
+        checks.append(f"{name:<16} plan {cfg_name(None, plan):<28} rel L2 {err:.2e}  graph replay {gerr:.2e}"
+                      f"{'  NaN!' if nan else ''}  {'ok' if ok else 'FAIL'}")
+        print(checks[-1], flush=True)
+        del replay, gout, ref, out
+        state[name] = (g, limit, rows, qs, kv, plan)
+
+    # -------------------------------------------------------------------------------- 2. timing
+    def timed(name: str, impl: str, fn, flops: float, err: float | None, big: bool) -> None:
+        try:
+            us = time_graph(fn, n_calls=6 if big else 30, replays=5 if big else 15)
+        except Exception as e:  # a config out of shared memory / registers, an inductor failure, ...
+            results[name].append({"impl": impl, "us": None, "error": f"{type(e).__name__}: {str(e)[:80]}"})
+            torch.cuda.synchronize()
+            return
+        results[name].append({"impl": impl, "us": us, "kv_TBps": kv_bytes / us / 1e6,
+                              "TFLOPs": flops / us / 1e6, "rel_l2": err})
+
+    def kernel_call(qs, kv, limit, cfg):
+        return lambda i: A.slot_attention(qs[i % 3], *kv[i % LAYERS], limit, config=cfg)
+
+    refs = {}
+    for name, (g, limit, rows, qs, kv, plan) in state.items():
+        results[name] = []
+        big = rows > 1000
+        # visible scores: QK^T and PV, 2 flops per multiply-add each, per row and kv head
+        flops = 4.0 * D * KV * g * float(torch.clamp(limit, max=N).sum())
+        refs[name] = A.slot_attention_reference(qs[0], *kv[0], limit)
+        timed(name, f"kernel default ({cfg_name(None, plan)})", kernel_call(qs, kv, limit, None), flops,
+              rel_l2(A.slot_attention(qs[0], *kv[0], limit), refs[name]), big)
+        fmask = additive_mask(limit, g)
+        timed(name, "sdpa + additive mask", lambda i: F.scaled_dot_product_attention(
+            qs[i % 3], *kv[i % LAYERS], attn_mask=fmask), flops,
+            rel_l2(F.scaled_dot_product_attention(qs[0], *kv[0], attn_mask=fmask), refs[name]), big)
+        if elapsed() < args.budget_s * 0.4:
+            timed(name, "graphs._attn_math", lambda i: G._attn_math(qs[i % 3], *kv[i % LAYERS], fmask), flops,
+                  rel_l2(G._attn_math(qs[0], *kv[0], fmask), refs[name]), big)
+        print(f"[{elapsed():5.0f} s] {name}: baselines timed", flush=True)
+
+    # Sweep: few-rows cases try blocks at the automatic split count, then split counts for the best
+    # blocks; prefill cases try blocks without split. Stops at the budget.
+    def sweep_configs(rows: int) -> list[A.Config]:
+        if rows <= 256:
+            bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
+            return [A.Config(bm, bn, w, st, 0) for bm, bn, w, st in itertools.product(bms, (64, 128), (4, 8), (2, 3))
+                    if not (w == 8 and bm < 64)]
+        return [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+
+    skipped = 0
+    for name, (g, limit, rows, qs, kv, plan) in state.items():
+        flops = 4.0 * D * KV * g * float(torch.clamp(limit, max=N).sum())
+        big = rows > 1000
+        tried = set()
+
+        def run(cfg: A.Config) -> None:
+            nonlocal skipped
+            p = A.plan(KV, rows, N, sms, cfg)
+            label = cfg_name(cfg, p)
+            if label in tried:
+                return
+            tried.add(label)
+            if elapsed() > args.budget_s:
+                skipped += 1
+                return
+            try:
+                err = rel_l2(A.slot_attention(qs[0], *kv[0], limit, config=cfg), refs[name])
+            except Exception as e:
+                results[name].append({"impl": f"kernel {label}", "us": None, "error": f"{type(e).__name__}: {str(e)[:80]}"})
+                torch.cuda.synchronize()
+                return
+            timed(name, f"kernel {label}", kernel_call(qs, kv, limit, cfg), flops, err, big)
+
+        for cfg in sweep_configs(rows):
+            run(cfg)
+        if rows <= 256:
+            ok = [r for r in results[name] if r["impl"].startswith("kernel bm") and r.get("us") and r["rel_l2"] < 1e-2]
+            if ok:
+                best = min(ok, key=lambda r: r["us"])["impl"].split()
+                bm, bn, w, st = (int(best[i][len(p):]) for i, p in ((-5, "bm"), (-4, "bn"), (-3, "w"), (-2, "st")))
+                for splits in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+                    run(A.Config(bm, bn, w, st, splits))
+        print(f"[{elapsed():5.0f} s] {name}: sweep done", flush=True)
+
+    # ---------------------------------------------------------------------------------- 3. table
+    print("\n" + "=" * 100)
+    print(f"slot_attention on {torch.cuda.get_device_name(0)}: KV={KV} D={D} N={N} ({VALID} valid), {str(DTYPE)[6:]}, "
+          f"K/V {kv_bytes / 1e6:.1f} MB per call")
+    print("correctness (default plan):")
+    for c in checks:
+        print("  " + c)
+    winners = {}
+    for name, rows_ in results.items():
+        print(f"\n{name}")
+        print(f"  {'impl':<46}{'us':>9}{'K/V TB/s':>10}{'TFLOP/s':>9}{'rel L2':>10}")
+        timed_rows = [r for r in rows_ if r.get("us")]
+        good = [r for r in timed_rows if r["impl"].startswith("kernel") and (r["rel_l2"] or 0) < 1e-2]
+        best = min(good, key=lambda r: r["us"]) if good else None
+        sdpa = next((r for r in timed_rows if r["impl"].startswith("sdpa")), None)
+        for r in sorted(rows_, key=lambda r: (not r["impl"].startswith(("sdpa", "graphs", "kernel default")),
+                                              r.get("us") or 1e18)):
+            if r.get("us") is None:
+                print(f"  {r['impl']:<46}{'failed':>9}   {r['error']}")
+                continue
+            mark = "  <- best" if r is best else ""
+            print(f"  {r['impl']:<46}{r['us']:>9.1f}{r['kv_TBps']:>10.2f}{r['TFLOPs']:>9.1f}{r['rel_l2']:>10.1e}{mark}")
+        if best:
+            winners[name] = (best, sdpa)
+    print("\nwinners (fastest correct kernel config per case; speed-up over SDPA + mask):")
+    for name, (best, sdpa) in winners.items():
+        dflt = next((r for r in results[name] if r["impl"].startswith("kernel default") and r.get("us")), None)
+        print(f"  {name:<16} {best['impl'][7:]:<40} {best['us']:8.1f} us"
+              f"  (default {dflt['us'] if dflt else float('nan'):.1f} us)"
+              f"  x{(sdpa['us'] / best['us']) if sdpa else float('nan'):.1f} vs sdpa")
+    print("  defaults now: FEW_ROWS =", A.FEW_ROWS, " MANY_ROWS =", A.MANY_ROWS,
+          f" PROGRAMS_PER_SM = {A.PROGRAMS_PER_SM}  MIN_SPLIT_KEYS = {A.MIN_SPLIT_KEYS}")
+    if skipped:
+        print(f"  ({skipped} sweep configs skipped at the {args.budget_s:.0f} s budget)")
+    print(f"correctness: {'all ok' if not failures else f'{failures} FAILED'}; total {elapsed():.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checks": checks, "results": results}, indent=1, default=str))
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

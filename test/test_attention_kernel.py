@@ -1,0 +1,248 @@
+"""slot_attention (engine/attention_kernel.py): attention over cache key slots, query q seeing keys j < limit[q].
+
+The Triton kernel runs on the CPU through Triton's interpreter. TRITON_INTERPRET=1 must be set before
+triton's jit decorators run, so every kernel case below is built here, run once in one fresh process
+(test/attention_interp.py) and compared here with the PyTorch specification `slot_attention_reference`.
+Inputs are fp32: the interpreter computes tl.dot on 16-bit inputs wrongly, so the kernel upcasts those
+when interpreting (one bf16 case checks the loads, casts and stores around the dots). Small shapes and
+blocks (16 keys) so that a key axis spans several blocks and splits.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashdrive_ros.engine import attention_kernel as A
+from flashdrive_ros.engine import graphs
+
+HERE = Path(__file__).resolve().parent
+TOL = dict(rtol=1e-4, atol=1e-5)
+D = 32
+SMALL = dict(block_m=16, block_n=16, num_warps=4, num_stages=2)
+
+
+def _cache(layers, batch, kv, slots, seed):
+    """[layers, B, KV, S, D] like StaticKVCache.k_rot / .v."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layers, batch, kv, slots, D, generator=g), torch.randn(layers, batch, kv, slots, D, generator=g)
+
+
+def _queries(batch, kv, groups, n_q, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, kv, groups * n_q, D, generator=g).to(dtype)
+
+
+def _case_decode():
+    # One query, 4 query heads per kv head, keys a slice [:150] of a 160-slot cache (layer 1):
+    # 150 is not a multiple of the block; the row sees its 137 valid slots.
+    k, v = _cache(2, 1, 2, 160, 1)
+    return _queries(1, 2, 4, 1, 2), k[1, :, :, :150], v[1, :, :, :150], torch.tensor([137]), None
+
+
+def _case_verify():
+    # 8 verify rows at slots 90..97 of a batch-1 cache expanded over B = 2 (stride 0): causal, valid length 96.
+    k, v = _cache(1, 1, 2, 120, 3)
+    slots = torch.arange(90, 98)
+    limit = torch.clamp(slots + 1, max=96)
+    return (_queries(2, 2, 4, 8, 4), k[0].expand(2, -1, -1, -1), v[0].expand(2, -1, -1, -1), limit,
+            dict(SMALL, splits=3))
+
+
+def _case_action():
+    # 64 action tokens (2 query heads per kv head) see the 70 context slots and their own 64 slots
+    # after them: one limit for all, 134 of 150 key slots.
+    k, v = _cache(2, 1, 2, 150, 5)
+    limit = torch.full((64,), 70 + 64)
+    return _queries(1, 2, 2, 64, 6), k[0], v[0], limit, dict(SMALL, block_m=32, block_n=32, splits=3)
+
+
+def _prefill_limits():
+    # 40 query slots scattered over 100 key slots (streaming prefill: frozen slots, not in order),
+    # causal with valid length 90.
+    slots = torch.randperm(100, generator=torch.Generator().manual_seed(7))[:40]
+    return torch.clamp(slots + 1, max=90)
+
+
+def _case_prefill(splits):
+    def build():
+        k, v = _cache(1, 2, 2, 100, 8)
+        return _queries(2, 2, 4, 40, 9), k[0], v[0], _prefill_limits(), dict(SMALL, block_m=32, splits=splits)
+    return build
+
+
+def _case_edge_limits(splits):
+    # Rows with limit 0 (nothing visible), 1, a full block, and beyond N (clamped to N).
+    def build():
+        k, v = _cache(1, 1, 2, 50, 10)
+        limit = torch.tensor([0, 1, 16, 0, 49, 50, 77, 3])
+        return _queries(1, 2, 4, 8, 11), k[0], v[0], limit, dict(SMALL, splits=splits)
+    return build
+
+
+def _case_bf16():
+    k, v = _cache(1, 1, 2, 120, 12)
+    limit = torch.clamp(torch.arange(90, 98) + 1, max=96)
+    return (_queries(1, 2, 4, 8, 13, torch.bfloat16), k[0].bfloat16(), v[0].bfloat16(), limit,
+            dict(SMALL, splits=3))
+
+
+def _case_default_plan(n_q):
+    # No config: the automatic plan (few rows -> splits, many rows -> one program per row tile).
+    def build():
+        k, v = _cache(1, 1, 2, 130, 14)
+        limit = torch.clamp(torch.arange(n_q) + 60, max=120)
+        return _queries(1, 2, 4, n_q, 15), k[0], v[0], limit, None
+    return build
+
+
+CASES = {
+    "decode": _case_decode,
+    "verify": _case_verify,
+    "action": _case_action,
+    "prefill_split": _case_prefill(splits=4),
+    "prefill_no_split": _case_prefill(splits=1),
+    "edge_split": _case_edge_limits(splits=3),
+    "edge_no_split": _case_edge_limits(splits=1),
+    "bf16": _case_bf16,
+    "default_few_rows": _case_default_plan(2),
+    "default_many_rows": _case_default_plan(64),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """name -> (inputs, kernel output, k strides seen by the kernel); one interpreter process for all."""
+    if A.triton is None:
+        pytest.skip("triton is not installed (scripts/setup.sh installs it)")
+    d = tmp_path_factory.mktemp("attention_interp")
+    inputs = {name: build() for name, build in CASES.items()}
+    torch.save(inputs, d / "cases.pt")
+    proc = subprocess.run([sys.executable, str(HERE / "attention_interp.py"), str(d / "cases.pt"), str(d / "out.pt")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(d / "out.pt", weights_only=False)
+    return {name: (inputs[name], *results[name]) for name in CASES}
+
+
+def _check(kernel, name, **tol):
+    (q, k, v, limit, _), out, _ = kernel[name]
+    ref = A.slot_attention_reference(q, k, v, limit)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **(tol or TOL))
+    return out
+
+
+# ------------------------------------------------------------------------- kernel == specification
+
+def test_decode_row_attends_to_its_valid_slots_in_a_sliced_cache(kernel):
+    _check(kernel, "decode")
+    (_, k, *_), _, strides = kernel["decode"]
+    assert not k.is_contiguous() and strides == k.stride()  # the kernel really read a strided view
+
+
+def test_verify_rows_are_causal_over_a_cache_expanded_over_the_batch(kernel):
+    _check(kernel, "verify")
+    assert kernel["verify"][2][0] == 0  # batch stride 0 reached the kernel
+
+
+def test_action_tokens_share_one_limit(kernel):
+    _check(kernel, "action")
+
+
+@pytest.mark.parametrize("name", ["prefill_split", "prefill_no_split"])
+def test_prefill_rows_with_scattered_limits_in_both_regimes(kernel, name):
+    _check(kernel, name)
+
+
+@pytest.mark.parametrize("name", ["edge_split", "edge_no_split"])
+def test_limit_zero_gives_zeros_and_limits_past_the_keys_are_clamped(kernel, name):
+    out = _check(kernel, name)
+    (q, k, v, limit, _), *_ = kernel[name]
+    rows_without_keys = (limit == 0).repeat(q.shape[2] // limit.shape[0])
+    assert (out[:, :, rows_without_keys] == 0).all()
+    clamped = limit.clamp(max=k.shape[2])
+    torch.testing.assert_close(out, A.slot_attention_reference(q, k, v, clamped), **TOL)
+
+
+def test_both_regimes_give_the_same_result(kernel):
+    torch.testing.assert_close(kernel["prefill_split"][1], kernel["prefill_no_split"][1], **TOL)
+    torch.testing.assert_close(kernel["edge_split"][1], kernel["edge_no_split"][1], **TOL)
+
+
+def test_bf16_inputs_give_bf16_output_close_to_the_fp32_softmax(kernel):
+    _check(kernel, "bf16", rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["default_few_rows", "default_many_rows"])
+def test_default_plan(kernel, name):
+    _check(kernel, name)
+
+
+# ------------------------------------------------------------------------ specification (in process)
+
+def _mask_from_limits(limit: torch.Tensor, n_keys: int) -> torch.Tensor:
+    visible = torch.arange(n_keys)[None, :] < limit[:, None]
+    return torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def test_every_mask_of_the_fast_path_is_a_key_limit():
+    n, valid = 120, 96
+    slots = torch.tensor([3, 90, 95, 96, 100, 7])  # decode / verify / streaming slots, some past valid
+    assert torch.equal(graphs.causal_slot_mask(slots, n, torch.float32, torch.tensor(valid)),
+                       _mask_from_limits(torch.clamp(slots + 1, max=valid), n))
+    assert torch.equal(graphs.causal_slot_mask(slots, n, torch.float32), _mask_from_limits(slots + 1, n))
+    n_ctx, t = torch.tensor(50), 64  # action: context + own slots right after it
+    act = graphs.action_mask(n_ctx, n_ctx + torch.arange(t), n, torch.float32)
+    assert torch.equal(act[0, 0], _mask_from_limits(torch.full((1,), 50 + t), n)[0, 0])
+
+
+def test_reference_equals_graphs_attention_with_the_equivalent_additive_mask():
+    g, n_q, n = 4, 6, 70
+    q = torch.randn(2, 8, n_q, D)  # [B, H, Q, D], H = KV * g
+    k, v = torch.randn(2, 2, n, D), torch.randn(2, 2, n, D)
+    slots = torch.tensor([40, 5, 63, 64, 22, 69])
+    limit = torch.clamp(slots + 1, max=65)
+    fmask = graphs.fold_mask(graphs.causal_slot_mask(slots, n, torch.float32, torch.tensor(65)), g)
+    qf = q.reshape(2, 2, g * n_q, D)
+    ref = A.slot_attention_reference(qf, k, v, limit)
+    torch.testing.assert_close(ref, graphs._attn_math(qf, k, v, fmask), **TOL)
+    torch.testing.assert_close(ref, graphs._attn_sdpa(qf, k, v, fmask), **TOL)
+    torch.testing.assert_close(ref.reshape(q.shape), graphs.gqa_attention(q, k, v, fmask), **TOL)
+
+
+def test_reference_row_without_keys_is_zero():
+    q, k, v = torch.randn(1, 1, 2, D), torch.randn(1, 1, 5, D), torch.randn(1, 1, 5, D)
+    out = A.slot_attention_reference(q, k, v, torch.tensor([0, 3]))
+    assert (out[0, 0, 0] == 0).all() and not out.isnan().any()
+
+
+def test_plan_is_static_and_splits_only_few_rows():
+    sms, bh, n = 132, 8, 3136
+    for rows in (4, 32, 128):  # decode, verify, action
+        p = A.plan(bh, rows, n, sms)
+        assert p.splits > 1 and p.config.block_m <= max(16, rows)
+        assert p.chunk % p.config.block_n == 0 and (p.splits - 1) * p.chunk < n <= p.splits * p.chunk
+        assert p == A.plan(bh, rows, n, sms)
+    for rows in (3196, 12140):  # streaming and full prefill
+        p = A.plan(bh, rows, n, sms)
+        assert p.splits == 1 and p.row_tiles * bh >= sms
+    forced = A.plan(bh, 4, n, sms, A.Config(16, 64, 4, 2, splits=7))
+    assert forced.splits == 7 and forced.chunk == 448
+
+
+def test_available_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not A.available(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert A.available(torch.zeros(1)) == (A.triton is not None)
+
+
+def test_without_triton_on_the_cpu_slot_attention_is_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = torch.randn(1, 2, 8, D), torch.randn(1, 2, 20, D), torch.randn(1, 2, 20, D)
+    limit = torch.tensor([0, 5, 20, 13])
+    assert torch.equal(A.slot_attention(q, k, v, limit), A.slot_attention_reference(q, k, v, limit))
