@@ -427,8 +427,15 @@ def _store_and_attend(i: int, attn, q, k, v, cos, sin, cache, slots, n: int, key
     """Kernel path of one layer's attention: norm + rotary + cache stores in one kernel, then split-K
     attention over the first n key slots."""
     ck, ak = _kernel_module("cache_kernels", q), _kernel_module("attention_kernel", q)
-    qr = ck.qk_norm_rope_store(q, k, v, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
-                               cache, i, slots, store_pre_rope=store_pre_rope)
+    if ck is not None:
+        qr = ck.qk_norm_rope_store(q, k, v, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
+                                   cache, i, slots, store_pre_rope=store_pre_rope)
+    else:
+        qr, kn, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
+        if store_pre_rope:
+            cache.k[i, :, :, slots] = kn.to(cache.dtype)
+        cache.v[i, :, :, slots] = v.to(cache.dtype)
+        cache.k_rot[i, :, :, slots] = kr.to(cache.dtype)
     b, h, qn, d = qr.shape
     keys = cache.k_rot[i, :, :, :n].expand(batch, -1, -1, -1)
     values = cache.v[i, :, :, :n].expand(batch, -1, -1, -1)
@@ -438,8 +445,9 @@ def _store_and_attend(i: int, attn, q, k, v, cos, sin, cache, slots, n: int, key
 
 
 def kernels_usable(t: torch.Tensor) -> bool:
-    """Whether lm_forward / expert_forward given a key_limit take the Triton kernel path for t."""
-    return _kernel_module("attention_kernel", t) is not None and _kernel_module("cache_kernels", t) is not None
+    """Whether lm_forward / expert_forward given a key_limit take the Triton kernel path for t (the
+    attention kernel; the cache kernels join when they can run too)."""
+    return _kernel_module("attention_kernel", t) is not None
 
 
 # ---------------------------------------------------------------------------------- cache (no sync)
