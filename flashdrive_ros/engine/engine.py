@@ -413,8 +413,12 @@ class DriveEngine:
             return tokens, n_generated, n_generated, n_ctx, 1.0
         from .speculative import speculative_decode
 
-        res = speculative_decode(self.model, self.drafter, self.cache, logits, self._context, start, self.ids,
-                                 self.max_new_tokens, self.temperature, self.top_p, generator=gen)
+        if self._fast is not None and self.temperature == 0.0 and self._fast.speculative_graphs:
+            # greedy: draft / verify / tail graphs, loop state on the device, one host read per pass
+            res = self._fast.speculative_decode(logits, self._context, start, self.max_new_tokens)
+        else:  # sampling (rejection sampling on a CPU generator) stays the eager loop
+            res = speculative_decode(self.model, self.drafter, self.cache, logits, self._context, start,
+                                     self.ids, self.max_new_tokens, self.temperature, self.top_p, generator=gen)
         return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau
 
     def shift(self, k: int = 1) -> None:

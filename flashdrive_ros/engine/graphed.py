@@ -9,6 +9,17 @@ instead of its eager modules when `cuda_graphs` is on:
   decode step     q = 1: embed -> lm_forward -> logits + greedy token   key: max_len
   action          the whole flow.sample loop over graphs.expert_forward key: K, schedule
   shift           graphs.cache_shift of the streaming frame slots       key: #slots (differs per k)
+  draft           speculative: drafter forward -> proposed block ids    key: max_len, block, context
+  verify          speculative: q = block target forward + greedy        key: max_len, block
+                  acceptance + every loop-state update, on the device
+  tail            speculative: the closing <= 3 tokens, one q = 3 pass  key: max_len
+
+Greedy speculative decoding (`speculative_decode`) keeps its loop state in device tensors (`_SpecState`):
+anchor, proposed ids, drafter context, start slot, ids emitted so far, accept lengths, done flag.
+A pass is two replays, draft then verify; verify ends by packing the state into one small `summary`
+tensor, which is the only thing the host reads per pass (one sync: "done?" plus, on the last pass,
+the ids and statistics). Passes after `done` would change nothing (every update is gated), so the
+first pass can be launched before anyone looked at the prefill's token.
 
 Every graph but encode reads and writes the engine's StaticKVCache tensors in place, so those are
 dropped (`invalidate`) whenever the cache is replaced or its position table changes (set_positions makes new
@@ -18,7 +29,9 @@ stay alive and at the same address for the replays.
 
 StageGraph's warm-up runs the stage twice before capture. All stages here are idempotent for equal
 inputs (they recompute the same K/V into the same slots) except the shift, whose graph is built on the
-identity permutation (dst -> dst) and only then called with the real source slots.
+identity permutation (dst -> dst) and only then called with the real source slots, and verify, which is
+built with the loop state marked done (its warm-up then only writes and re-zeroes scratch slots past
+the prompt) and initialised afterwards.
 
 On the CPU (and whenever CUDA graphs are unavailable) StageGraph runs the same functions eagerly on
 the same buffers, which is what the CPU tests compare against the eager engine.
@@ -28,9 +41,13 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from . import graphs as G
 from .flow import FlowSchedule, sample as flow_sample
 from .vision import ImageFeatures
+
+TAIL = 3  # closing tokens after a speculative loop: [last generated], [<|cot_end|>], <|traj_future_start|>
 
 
 def round_up(x: int, m: int = 16) -> int:
@@ -45,12 +62,17 @@ class GraphedStages:
         self.engine = engine
         self.graphs: dict[tuple, G.StageGraph] = {}
         self.builds = 0  # how many graphs were built (tests / diagnostics)
+        self._spec: dict[tuple, _SpecState] = {}  # speculative loop state per (max_len, budget, drafter shape)
+        self.speculative_graphs = True  # False: greedy speculative decoding runs the eager loop (tests)
+        self.host_reads = 0  # device->host reads made by speculative_decode (diagnostics / tests)
 
     # ------------------------------------------------------------------ bookkeeping
     def invalidate(self) -> None:
-        """Drop every graph that addresses the cache (its tensors were replaced); encode graphs stay."""
+        """Drop every graph that addresses the cache (its tensors were replaced); encode graphs stay.
+        The speculative loop state goes too (draft/verify/tail graphs are bound to it)."""
         for key in [k for k in self.graphs if k[0] != "encode"]:
             del self.graphs[key]
+        self._spec.clear()
 
     def _get(self, key: tuple, build) -> G.StageGraph:
         g = self.graphs.get(key)
@@ -229,3 +251,202 @@ class GraphedStages:
         g = self._get(("action", tuple(noise.shape), schedule), build)
         g.buffers["n_ctx"].fill_(n_ctx)
         return g(noise=noise)
+
+
+    # ------------------------------------------------------------------ speculative (greedy)
+    def _causal_forward(self, ids: torch.Tensor, slots: torch.Tensor, capture_layers: tuple[int, ...] = ()):
+        """Block ids [Q] at cache slots [Q] (device tensors), row q sees keys <= slots[q], over the fixed
+        key window [0, max_len) -> (normed hidden [1, Q, H], captured layers)."""
+        lm, cache = self._lm, self.engine.cache
+        n = cache.max_len
+        return G.lm_forward(lm, lm.embed_tokens(ids)[None], cache, slots,
+                            G.causal_slot_mask(slots, n, self.engine.dtype), n, capture_layers=capture_layers)
+
+    def _spec_state(self, max_new: int) -> "_SpecState":
+        engine = self.engine
+        drafter = engine.drafter
+        cfg = drafter.cfg
+        key = (engine.cache.max_len, max_new, cfg.block_size, cfg.context_len, len(cfg.target_layers))
+        st = self._spec.get(key)
+        if st is None:
+            st = self._spec[key] = _SpecState.allocate(key, max_new, cfg.block_size, cfg.context_len,
+                                                       len(cfg.target_layers) * cfg.hidden_size,
+                                                       engine.dtype, engine.device)
+        return st
+
+    def _spec_graphs(self, st: "_SpecState", start: int) -> tuple[G.StageGraph, G.StageGraph, G.StageGraph]:
+        """The draft, verify and tail graphs bound to `st` (built on first use; verify/tail with the
+        state marked done at slot `start`, i.e. warm-ups that only touch scratch slots >= start)."""
+        engine, model, cache, drafter = self.engine, self._model, self.engine.cache, self.engine.drafter
+        cfg = drafter.cfg
+        block, n_ctx_rows = cfg.block_size, cfg.context_len
+        layers = tuple(cfg.target_layers)
+        banned = self._banned()
+        cot_end, tfs = engine.ids.cot_end, engine.ids.traj_future_start
+        max_new = st.max_new
+        dev = engine.device
+        bufs = st.buffers()
+        shared = tuple(bufs)
+        if ("verify",) + st.key not in self.graphs or ("tail",) + st.key not in self.graphs:
+            st.done.fill_(True)
+            st.cur.fill_(start)
+
+        def build_draft():
+            def fn(anchor, ctx, draft, **_):
+                logits = drafter.draft_logits(model, anchor, ctx, check_ids=False)[0]   # [block - 1, V]
+                draft.copy_(G.greedy_token(logits, banned))
+
+            return G.StageGraph(fn, bufs, shared=shared, name="draft")
+
+        def build_verify():
+            from .speculative import greedy_accept
+
+            ar = torch.arange(block, device=dev)
+            ar_ctx = torch.arange(n_ctx_rows, device=dev)
+
+            def fn(anchor, draft, ctx, cur, n_gen, done, pending, passes, acc, tokens, summary, **_):
+                live = done.logical_not().long()               # 0: the loop had already ended -> no-op
+                slots = cur + ar
+                h, cap = self._causal_forward(torch.cat([anchor, draft]), slots, layers)
+                target = G.greedy_token(model.logits(h[0]), banned)            # [block]
+                feats = torch.cat([cap[i][0] for i in layers], dim=-1)         # [block, n*H]
+                a, emitted, stop = greedy_accept(draft, target, n_gen, cot_end, max_new)
+                emitted = emitted * live
+                kept = (1 + torch.minimum(a, emitted)) * live  # anchor + kept drafts now in the cache
+                pos = n_gen + ar
+                tokens[pos] = torch.where(ar < emitted, target, tokens[pos])
+                acc[passes] = torch.where(live.bool(), emitted, acc[passes])
+                rejected = (ar >= kept)[:, None]
+                for t in (cache.k, cache.v, cache.k_rot):      # rejected slots zeroed, as cache.clear
+                    t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected, 0)
+                ctx.copy_(torch.cat([ctx[0], feats.to(ctx.dtype)]).index_select(0, kept + ar_ctx)[None])
+                last = target.gather(0, (emitted - 1).clamp(min=0))
+                anchor.copy_(torch.where(live.bool(), last, anchor))
+                pending.copy_(torch.where(live.bool(), (emitted == a + 1).long(), pending))
+                cur.add_(kept)
+                n_gen.add_(emitted)
+                passes.add_(live)
+                done.logical_or_(stop)
+                summary.copy_(torch.cat([done.long(), n_gen, cur, pending, passes, acc, tokens]))
+
+            return G.StageGraph(fn, bufs, shared=shared, name="verify")
+
+        def build_tail():
+            ar = torch.arange(TAIL, device=dev)
+            fixed = torch.tensor([cot_end, tfs], device=dev)
+
+            def fn(anchor, cur, pending, tail, **_):
+                # [anchor if its K/V is missing] ++ [<|cot_end|> unless it ended the reasoning] ++ [tfs],
+                # left-aligned; padding (tfs) writes scratch slots past n_ctx
+                inc = torch.cat([pending.bool(), anchor != cot_end, torch.ones_like(anchor, dtype=torch.bool)])
+                vals = torch.cat([anchor, fixed])
+                dst = torch.where(inc, inc.long().cumsum(0) - 1, TAIL)
+                ids = torch.full((TAIL + 1,), tfs, dtype=torch.long, device=dev).scatter(0, dst, vals)[:TAIL]
+                tail.copy_(ids)
+                self._causal_forward(ids, cur + ar)
+
+            return G.StageGraph(fn, bufs, shared=shared, name="tail")
+
+        return (self._get(("draft",) + st.key, build_draft), self._get(("verify",) + st.key, build_verify),
+                self._get(("tail",) + st.key, build_tail))
+
+    def speculative_decode(self, first_logits: torch.Tensor, context: torch.Tensor, start: int,
+                           max_new_tokens: int):
+        """Greedy draft + verify from slot `start` on graphs -> speculative.SpeculativeResult, the same
+        tokens, verify passes and accept lengths as `speculative.speculative_decode` at temperature 0
+        (forward_passes counts the closing tokens as the one tail forward they are here)."""
+        from .speculative import SpeculativeResult
+
+        engine, cache = self.engine, self.engine.cache
+        cfg = engine.drafter.cfg
+        block = cfg.block_size
+        cot_end = engine.ids.cot_end
+        if cache.batch != 1:
+            raise ValueError("speculative_decode decodes one chain of causation (cache batch 1)")
+        if context.shape[1] < cfg.context_len:
+            raise ValueError(f"need {cfg.context_len} context states, got {context.shape[1]}")
+        if start + max_new_tokens + block > cache.max_len:
+            raise ValueError(f"cache max_len {cache.max_len} < start {start} + max_new_tokens {max_new_tokens} "
+                             f"+ block {block}")
+        st = self._spec_state(max_new_tokens)
+        draft_g, verify_g, tail_g = self._spec_graphs(st, start)
+        # initial state (device ops, no sync): the prefill's greedy token is the first anchor
+        tok0 = G.greedy_token(first_logits, self._banned()).reshape(1)
+        st.anchor.copy_(tok0)
+        st.tokens.zero_()
+        st.tokens[:1] = tok0
+        st.acc.zero_()
+        st.ctx.copy_(context[:, -cfg.context_len:])
+        st.cur.fill_(start)
+        st.n_gen.fill_(1)
+        st.pending.fill_(1)
+        st.passes.zero_()
+        if max_new_tokens <= 1:
+            st.done.fill_(True)
+        else:
+            st.done.copy_(tok0 == cot_end)
+        for _ in range(max_new_tokens + 1):  # each live pass emits >= 1 token: done within max_new - 1
+            draft_g()
+            verify_g()
+            summary = st.read()
+            self.host_reads += 1
+            if summary[0]:
+                break
+        else:
+            raise RuntimeError("speculative loop did not finish within max_new_tokens passes")
+        n_gen, cur, pending, passes = summary[1:5]
+        accept_lengths = summary[5:5 + passes]
+        generated = summary[5 + st.acc.numel():][:n_gen]
+        tail_g()
+        n_tail = int(pending) + 1
+        if generated[-1] != cot_end:
+            generated.append(cot_end)
+            n_tail += 1
+        return SpeculativeResult(tokens=generated, num_generated=n_gen, forward_passes=passes + 1,
+                                 verify_passes=passes, n_ctx=cur + n_tail, accept_lengths=accept_lengths)
+
+
+@dataclass
+class _SpecState:
+    """Device tensors of the greedy speculative loop (shared by the draft, verify and tail graphs)."""
+
+    key: tuple
+    max_new: int
+    anchor: torch.Tensor    # [1] last generated id (not yet in the cache while the loop runs)
+    draft: torch.Tensor     # [block - 1] proposed ids
+    ctx: torch.Tensor       # [1, context_len, n_layers * H] drafter context (rolling)
+    cur: torch.Tensor       # [1] cache slot of the anchor = start of the next block
+    n_gen: torch.Tensor     # [1] ids generated so far
+    done: torch.Tensor      # [1] bool
+    pending: torch.Tensor   # [1] 1: the anchor's K/V is not in the cache (the tail feeds it)
+    passes: torch.Tensor    # [1] verify passes that emitted tokens
+    acc: torch.Tensor       # [max_new + 1] tokens emitted per pass
+    tokens: torch.Tensor    # [max_new + block] generated ids
+    tail: torch.Tensor      # [3] the ids the tail graph fed (diagnostics)
+    summary: torch.Tensor   # [5 + len(acc) + len(tokens)] done, n_gen, cur, pending, passes, acc, tokens
+    host: torch.Tensor      # pinned host copy of summary (CUDA)
+
+    @classmethod
+    def allocate(cls, key, max_new: int, block: int, context_len: int, ctx_width: int, dtype, device):
+        def z(n, dt=torch.long):
+            return torch.zeros(n, dtype=dt, device=device)
+
+        acc, tokens = z(max_new + 1), z(max_new + block)
+        summary = z(5 + acc.numel() + tokens.numel())
+        host = torch.empty(summary.shape, dtype=torch.long, pin_memory=device.type == "cuda")
+        return cls(key=key, max_new=max_new, anchor=z(1), draft=z(block - 1),
+                   ctx=torch.zeros(1, context_len, ctx_width, dtype=dtype, device=device), cur=z(1), n_gen=z(1),
+                   done=z(1, torch.bool), pending=z(1), passes=z(1), acc=acc, tokens=tokens, tail=z(TAIL),
+                   summary=summary, host=host)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("anchor", "draft", "ctx", "cur", "n_gen", "done", "pending",
+                                               "passes", "acc", "tokens", "tail", "summary")}
+
+    def read(self) -> list[int]:
+        """The one device->host transfer of a pass (waits for the pass)."""
+        if self.summary.device.type == "cuda":
+            self.host.copy_(self.summary, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            return self.host.tolist()
+        return self.summary.tolist()

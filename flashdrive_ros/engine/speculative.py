@@ -29,6 +29,15 @@ Draft / verify loop (`speculative_decode`)
        <|cot_end|> and then <|traj_future_start|> have their K/V in the cache for the action expert.
     Greedy output is token-for-token the autoregressive greedy output, whatever the drafter predicts.
 
+Graphed greedy loop (engine/graphed.py `GraphedStages.speculative_decode`, on whenever the engine's
+cuda_graphs are): the same steps 1-5 as two CUDA graphs per pass, `draft` (drafter forward -> the 7
+proposed ids) and `verify` (target block forward -> target greedy ids, `greedy_accept`, then every
+piece of loop state updated in place on the device: emitted ids, accept lengths, next anchor, next
+start slot, drafter context, rejected slots zeroed, done flag). The host reads one small summary
+tensor per pass (done flag + counters + ids) and nothing else; the closing tokens go through one
+q = 3 `tail` graph. Sampling (temperature > 0) keeps this module's eager loop (its rejection sampling
+draws from a CPU generator).
+
 Save / load: `save_drafter(drafter, dir)` -> dir/drafter.safetensors + dir/drafter_config.json;
 `load_drafter(dir, target_model, target_dir=None)`; train_dflash records the target's
 `target_fingerprint` (sha256 of its weights) in the drafter's notes, and load_drafter warns (never
@@ -184,10 +193,13 @@ class Drafter(nn.Module):
         mask = self.mask_embedding.to(anchor_embeds.dtype).expand(b, self.cfg.block_size - 1, h)
         return torch.cat([anchor_embeds[:, None], mask], dim=1)
 
-    def draft_logits(self, model, anchor_ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, model, anchor_ids: torch.Tensor, context: torch.Tensor,
+                     check_ids: bool = True) -> torch.Tensor:
         """anchor ids [B] + context [B, C, n*H] -> float32 logits [B, block_size - 1, V] for the tokens
-        after the anchor, through the target's frozen embedding and lm_head."""
-        hidden = self(self.block_embeds(model.embed(anchor_ids)), context)
+        after the anchor, through the target's frozen embedding and lm_head. check_ids=False skips
+        model.embed's id range check (a host sync; the graphed loop's anchors are argmax ids)."""
+        embed = model.embed if check_ids else model.language_model.embed_tokens
+        hidden = self(self.block_embeds(embed(anchor_ids)), context)
         return model.logits(hidden[:, 1:])
 
 
@@ -353,12 +365,36 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
     return a, int(torch.multinomial(residual, 1, generator=generator))
 
 
+# ---------------------------------------------------------------------------------- greedy acceptance (device)
+def greedy_accept(draft: torch.Tensor, target: torch.Tensor, n_gen: torch.Tensor, cot_end: int,
+                  max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of one block as tensor ops (no host sync; graph-capturable).
+
+    draft [B-1]: the proposed ids after the anchor; target [B]: the target's greedy id after each
+    block position (trajectory ids banned); n_gen [1]: ids generated before this block.
+    Returns [1]-tensors (a, emitted, stop) with exactly `speculative_decode`'s greedy rules:
+    a = the longest prefix with draft[j] == target[j]; the block then emits target[0..a] (accepted
+    drafts equal the target ids, target[a] is the bonus), cut after the first <|cot_end|> or where
+    the budget max_new_tokens is reached (stop = True, emitted = that index + 1), else emitted = a + 1.
+    """
+    n = target.shape[0]
+    ar = torch.arange(n, device=target.device)
+    a = (draft == target[:-1]).long().cumprod(0).sum(0, keepdim=True)
+    ends = (target == cot_end) | (n_gen + ar + 1 >= max_new_tokens)
+    ends = ends & (ar <= a)
+    first = torch.where(ends, ar, n).min().reshape(1)
+    stop = first < n
+    emitted = torch.where(stop, first + 1, a + 1)
+    return a, emitted, stop
+
+
 # ---------------------------------------------------------------------------------- decode loop
 @dataclass
 class SpeculativeResult:
     tokens: list[int]                 # generated ids, ending with <|cot_end|> (appended if the budget ran out)
     num_generated: int                # ids the model produced (the appended <|cot_end|> excluded)
-    forward_passes: int               # target LM forwards in decode (verify blocks + final single feeds)
+    forward_passes: int               # target LM forwards in decode (verify blocks + final single feeds;
+                                      # graphed: verify blocks + one q=3 tail forward)
     verify_passes: int                # q = 8 verification forwards
     n_ctx: int                        # slots [0, n_ctx) hold the context up to and incl. <|traj_future_start|>
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verify pass (incl. bonus)
