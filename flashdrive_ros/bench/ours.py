@@ -359,7 +359,8 @@ class OursPipeline:
             one = torch.ones((), dtype=torch.long, device=self.device)
 
             def fn(anchor, state, sched):
-                done, cur, a = state[0], state[1], sched[state[2]]
+                done, cur = state[0], state[1]
+                a = sched.index_select(0, state[2:3])[0]  # not sched[state[2]]: a 0-d index syncs
                 block = torch.cat([anchor, ref[done + 1 + ar_draft]])
                 slots = cur + ar
                 h, cap = G.lm_forward(lm, lm.embed_tokens(block)[None], cache, slots, None, n,

@@ -54,7 +54,10 @@ class Config:
 
 
 # Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
-FEW_ROWS = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=0)
+# block_m 32 (16 up to 32 rows): measured best on an H100 at decode/verify/action shapes
+# (scripts/gpu_attention_check.py: verify R=32 12.8 us at 16 vs 14.7 at 32; action R=128 20.8 us at 32
+# vs 23.6 at 64).
+FEW_ROWS = Config(block_m=32, block_n=64, num_warps=4, num_stages=3, splits=0)
 # Many rows (prefill): row tiles fill the GPU; bigger tiles reuse each K/V block for more rows.
 MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
 # Split regime target: about this many programs per SM (several waves hide the tail of the last one).
@@ -97,7 +100,7 @@ def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | No
         many = _cdiv(rows, MANY_ROWS.block_m) * batch_heads >= sms
         config = MANY_ROWS if many else FEW_ROWS
         if not many:  # a tile no taller than the rows (tl.dot needs 16)
-            config = replace(config, block_m=min(config.block_m, max(16, _pow2_at_least(rows))))
+            config = replace(config, block_m=16 if rows <= 32 else config.block_m)
     tiles = _cdiv(rows, config.block_m)
     splits = config.splits
     if splits == 0:

@@ -123,8 +123,9 @@ class GraphedStages:
         return {"emb": feats.embeds, **{f"d{i}": d for i, d in enumerate(feats.deepstack)}}
 
     def _lm_stage(self, name: str, ids: torch.Tensor, feats: ImageFeatures, slots: torch.Tensor,
-                  mask: torch.Tensor, n: int, ctx_len: int) -> G.StageGraph:
-        """A prefill graph: fn(ids, emb, d0..) -> (logits of the last row [1, V] float32, drafter context?)."""
+                  limit: torch.Tensor, n: int, ctx_len: int) -> G.StageGraph:
+        """A prefill graph: fn(ids, emb, d0..) -> (logits of the last row [1, V] float32, drafter context?).
+        Row q sees keys < limit[q] (graphs.lm_forward's key_limit)."""
         engine, lm, cache = self.engine, self._lm, self.engine.cache
         visual = ids == engine.ids.image_pad
         vis_idx = visual.nonzero().flatten()
@@ -132,7 +133,10 @@ class GraphedStages:
             raise RuntimeError(f"prompt has {vis_idx.numel()} image tokens but the encoder produced "
                                f"{feats.embeds.shape[0]}")
         a0 = lm.layers[0].self_attn
-        mask = G.fold_mask(mask.to(engine.dtype), a0.n_heads // a0.n_kv).contiguous()
+        limit = limit.clone()
+        mask = None
+        if not G.kernels_usable(limit):  # the PyTorch path: the equivalent mask, folded once here
+            mask = G.fold_mask(G.limit_mask(limit, n, engine.dtype), a0.n_heads // a0.n_kv).contiguous()
         slots = slots.clone()
         n_deep = len(feats.deepstack)
         layers = engine._capture_layers
@@ -141,8 +145,8 @@ class GraphedStages:
         def fn(ids, emb, **deep):
             x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(engine.dtype))[None]
             ds = [deep[f"d{i}"] for i in range(n_deep)]
-            h, cap = G.lm_forward(lm, x, cache, slots, mask, n, vis_idx, ds or None,
-                                  capture_layers=layers, mask_folded=True)
+            h, cap = G.lm_forward(lm, x, cache, slots, mask, n, vis_idx, ds or None, capture_layers=layers,
+                                  mask_folded=True, key_limit=None if mask is not None else limit)
             logits = model.logits(h[:, -1])
             if not layers:
                 return (logits,)
@@ -164,8 +168,7 @@ class GraphedStages:
             dev = self.engine.device
             slots = torch.arange(length, device=dev)
             n = self._n_pref(length)
-            mask = G.causal_slot_mask(slots, n, self.engine.dtype, limit=torch.tensor(length, device=dev))
-            return self._lm_stage("full_prefill", ids, feats, slots, mask, n, ctx_len)
+            return self._lm_stage("full_prefill", ids, feats, slots, slots + 1, n, ctx_len)
 
         return self._run_prefill(self._get(key, build), ids, feats)
 
@@ -178,8 +181,9 @@ class GraphedStages:
 
         def build():
             n = self._n_pref(length)
-            mask = layout.streaming_mask(n, self.engine.dtype, k).to(self.engine.device)
-            return self._lm_stage("stream_prefill", q_ids, feats, q_slots, mask, n, ctx_len)
+            # row at slot s sees keys <= s and < prefill_len (layout.streaming_mask)
+            limit = (q_slots + 1).clamp(max=length)
+            return self._lm_stage("stream_prefill", q_ids, feats, q_slots, limit, n, ctx_len)
 
         return self._run_prefill(self._get(key, build), q_ids, feats)
 
@@ -203,8 +207,7 @@ class GraphedStages:
 
         def build():
             def fn(tok, slot):
-                h, _ = G.lm_forward(lm, lm.embed_tokens(tok), cache, slot,
-                                    G.causal_slot_mask(slot, n, engine.dtype), n)
+                h, _ = G.lm_forward(lm, lm.embed_tokens(tok), cache, slot, None, n, key_limit=slot + 1)
                 logits = model.logits(h[:, -1])
                 return logits, G.greedy_token(logits, banned)
 
@@ -237,10 +240,13 @@ class GraphedStages:
 
             def fn(noise, n_ctx):
                 act_slots = n_ctx + ar
-                mask = G.action_mask(n_ctx, act_slots, n, engine.dtype, shared_batch=shared)
+                # batch-K cache: the action slots follow the context, so rows see keys < n_ctx + T
+                mask = G.action_mask(n_ctx, act_slots, n, engine.dtype, shared_batch=True) if shared else None
+                limit = None if shared else n_ctx + t_len
 
                 def velocity(x, t):
-                    h = G.expert_forward(model.expert, model.action_in_proj(x, t), cache, act_slots, mask, n)
+                    h = G.expert_forward(model.expert, model.action_in_proj(x, t), cache, act_slots, mask, n,
+                                         key_limit=limit)
                     return model.action_velocity(h)
 
                 return flow_sample(velocity, noise, schedule)
@@ -259,8 +265,8 @@ class GraphedStages:
         key window [0, max_len) -> (normed hidden [1, Q, H], captured layers)."""
         lm, cache = self._lm, self.engine.cache
         n = cache.max_len
-        return G.lm_forward(lm, lm.embed_tokens(ids)[None], cache, slots,
-                            G.causal_slot_mask(slots, n, self.engine.dtype), n, capture_layers=capture_layers)
+        return G.lm_forward(lm, lm.embed_tokens(ids)[None], cache, slots, None, n,
+                            capture_layers=capture_layers, key_limit=slots + 1)
 
     def _spec_state(self, max_new: int) -> "_SpecState":
         engine = self.engine
