@@ -360,9 +360,11 @@ class OursPipeline:
 
             def fn(anchor, state, sched):
                 done, cur = state[0], state[1]
-                a = sched.index_select(0, state[2:3])[0]  # not sched[state[2]]: a 0-d index syncs
-                block = torch.cat([anchor, ref[done + 1 + ar_draft]])
-                slots = cur + ar
+                # indices clamped: a replay past the schedule's end (timing a pass alone) stays in bounds
+                p = state[2:3].clamp(max=sched.numel() - 1)
+                a = sched.index_select(0, p)[0]  # not sched[state[2]]: a 0-d tensor index syncs
+                block = torch.cat([anchor, ref[(done + 1 + ar_draft).clamp(max=ref.numel() - 1)]])
+                slots = (cur + ar).clamp(max=n - 1)
                 h, cap = G.lm_forward(lm, lm.embed_tokens(block)[None], cache, slots, None, n,
                                       capture_layers=layers, key_limit=slots + 1)
                 post = self._greedy(h[0])
