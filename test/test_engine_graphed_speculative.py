@@ -126,7 +126,7 @@ def test_sampling_keeps_the_eager_loop(clip):
 
 # ------------------------------------------------------------------------------------------- loop level
 class Oracle(OracleDrafter):
-    def draft_logits(self, model, anchor_ids, context, check_ids=True):
+    def draft_logits(self, model, anchor_ids, context, check_ids=True, fast=False):
         return super().draft_logits(model, anchor_ids, context)
 
 

@@ -285,3 +285,20 @@ def test_stages_stated_with_key_limit_match_eager_modules():
     assert err.pop("kernels") == 0.0  # this process runs the PyTorch path
     bad = {k: v for k, v in err.items() if not v < 1e-5}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_drafter_fast_forward_matches_drafter_forward(fuse):
+    from flashdrive_ros.engine.speculative import Drafter, DrafterConfig
+
+    cfg = tiny_config()
+    drafter = Drafter(DrafterConfig.for_target(cfg.text)).eval()
+    _randomize(drafter, 7)
+    fast = copy.deepcopy(drafter)
+    if fuse:
+        graphs.fuse_projections(fast)
+    c, s = drafter.cfg.context_len, drafter.cfg.block_size
+    context = torch.randn(2, c, len(drafter.cfg.target_layers) * cfg.text.hidden_size)
+    block = torch.randn(2, s, cfg.text.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.forward_fast(block, context), drafter(block, context), **TOL)

@@ -28,7 +28,7 @@ from torch import nn
 from ..engine import graphs as G
 from ..engine.flow import FlowSchedule, sample
 from ..engine.kv_cache import StaticKVCache
-from ..engine.rope import apply_rotary, extend_positions, mrope_cos_sin, rope_index
+from ..engine.rope import extend_positions, mrope_cos_sin, rope_index
 from ..engine.streaming import StreamingLayout, causal_mask
 from ..engine.text_model import DecoderLayer, RMSNorm
 from .shapes import DRAFT_BLOCK, Shape, make_workload
@@ -95,18 +95,10 @@ class DraftStandIn(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, ctx: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """ctx [1, 8, n_ctx_layers*H] target states, block [1, 8, H] embeds -> hidden [1, 8, H]."""
-        c = self.ctx_norm(self.fc(ctx))
-        x = block
-        nb = block.shape[1]
-        for layer in self.layers:
-            a = layer.self_attn
-            q, k, v = a.project(torch.cat([c, layer.input_layernorm(x)], dim=1))
-            q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
-            out = G.gqa_attention(q[:, :, -nb:], k, v, None)  # block rows, non-causal over ctx ‖ block
-            x = x + G._out_proj(a, out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        """ctx [1, 8, n_ctx_layers*H] target states, block [1, 8, H] embeds -> hidden [1, 8, H]
+        (the engine drafter's fast path, graphs.drafter_forward: block rows non-causal over ctx ‖ block)."""
+        c = G.fused_rms_norm(self.fc(ctx), self.ctx_norm.weight, self.ctx_norm.eps)
+        return G.drafter_forward(self.layers, self.norm, c, block, self.cos, self.sin)
 
 
 @torch.no_grad()

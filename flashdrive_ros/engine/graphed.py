@@ -299,7 +299,7 @@ class GraphedStages:
 
         def build_draft():
             def fn(anchor, ctx, draft, **_):
-                logits = drafter.draft_logits(model, anchor, ctx, check_ids=False)[0]   # [block - 1, V]
+                logits = drafter.draft_logits(model, anchor, ctx, check_ids=False, fast=True)[0]   # [block - 1, V]
                 draft.copy_(G.greedy_token(logits, banned))
 
             return G.StageGraph(fn, bufs, shared=shared, name="draft")

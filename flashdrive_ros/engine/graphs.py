@@ -559,6 +559,29 @@ def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, ma
     return h
 
 
+def drafter_forward(layers, final_norm, ctx: torch.Tensor, block: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """A DFlash drafter's decoder (speculative.Drafter.forward) with the fused pieces of the fast path.
+    ctx [B, C, H]: fused context features (norm(fc(target states))); block [B, S, H]: anchor + MASK
+    embeddings; cos/sin [C + S, D]: context at positions 0..C-1, block after. Block rows attend to the
+    whole context and block (non-causal); context keys/values come from the same projections, so
+    context and block rows go through one QKV GEMM. Returns the final-normed block hidden [B, S, H]."""
+    c = ctx.shape[1]
+    cos, sin = cos.to(block.dtype), sin.to(block.dtype)
+    x = block
+    h = fused_rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, torch.cat([ctx.to(h.dtype), h], dim=1))
+        qr, _, kr = fused_qk_prep(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin)
+        out = gqa_attention(qr[:, :, c:], kr, v, None)
+        pn = layer.post_attention_layernorm
+        x, h2 = fused_add_rms_norm(x, _out_proj(attn, out), pn.weight, pn.eps)
+        nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm
+        x, h = fused_add_rms_norm(x, _mlp(layer.mlp, h2), nxt.weight, nxt.eps)
+    return h
+
+
 def action_mask(n_ctx: torch.Tensor, act_slots: torch.Tensor, n_keys: int, dtype: torch.dtype,
                 shared_batch: bool = False) -> torch.Tensor:
     """Additive [1, 1, 1, n_keys(+T)] mask of the action stage: context slots < n_ctx and the action
@@ -712,5 +735,5 @@ __all__ = [
     "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "drafter_forward", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
 ]

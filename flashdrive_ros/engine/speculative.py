@@ -193,13 +193,26 @@ class Drafter(nn.Module):
         mask = self.mask_embedding.to(anchor_embeds.dtype).expand(b, self.cfg.block_size - 1, h)
         return torch.cat([anchor_embeds[:, None], mask], dim=1)
 
+    def forward_fast(self, block_embeds: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """forward() through graphs.drafter_forward: fused QKV / gate-up (when fuse_projections ran),
+        fused norms and rotary, no host sync (the graphed draft stage)."""
+        from . import graphs
+
+        c, s = context.shape[1], block_embeds.shape[1]
+        ctx = graphs.fused_rms_norm(self.fc(context.to(block_embeds.dtype)), self.hidden_norm.weight,
+                                    self.hidden_norm.eps)
+        return graphs.drafter_forward(self.layers, self.norm, ctx, block_embeds, self.rope_cos[:c + s],
+                                      self.rope_sin[:c + s])
+
     def draft_logits(self, model, anchor_ids: torch.Tensor, context: torch.Tensor,
-                     check_ids: bool = True) -> torch.Tensor:
+                     check_ids: bool = True, fast: bool = False) -> torch.Tensor:
         """anchor ids [B] + context [B, C, n*H] -> float32 logits [B, block_size - 1, V] for the tokens
         after the anchor, through the target's frozen embedding and lm_head. check_ids=False skips
-        model.embed's id range check (a host sync; the graphed loop's anchors are argmax ids)."""
+        model.embed's id range check (a host sync; the graphed loop's anchors are argmax ids);
+        fast=True runs forward_fast."""
         embed = model.embed if check_ids else model.language_model.embed_tokens
-        hidden = self(self.block_embeds(embed(anchor_ids)), context)
+        block = self.block_embeds(embed(anchor_ids))
+        hidden = self.forward_fast(block, context) if fast else self(block, context)
         return model.logits(hidden[:, 1:])
 
 
