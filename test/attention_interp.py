@@ -6,7 +6,7 @@ TRITON_INTERPRET=1 only takes effect if it is set before triton's jit decorators
 import of triton in the pytest process would already have done; hence a separate process. CASES.pt
 maps a name to (q, k, v, key_limit, Config fields or None); torch.save keeps views' strides (slices of a
 bigger cache, stride-0 expands). RESULTS.pt maps the name to (output, strides of k as the kernel saw
-them).
+them), and "__heads_last__" to {name: the heads_last=True output}.
 """
 
 import os
@@ -23,10 +23,12 @@ from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
 
 def main(cases_path: str, results_path: str) -> None:
     cases = torch.load(cases_path, weights_only=False)
-    results = {}
+    results, heads_last = {}, {}
     for name, (q, k, v, key_limit, config) in cases.items():
         cfg = None if config is None else A.Config(**config)
         results[name] = (A.slot_attention(q, k, v, key_limit, config=cfg), k.stride())
+        heads_last[name] = A.slot_attention(q, k, v, key_limit, config=cfg, heads_last=True)
+    results["__heads_last__"] = heads_last
     torch.save(results, results_path)
 
 

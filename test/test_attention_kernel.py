@@ -124,7 +124,9 @@ def kernel(tmp_path_factory):
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(d / "out.pt", weights_only=False)
-    return {name: (inputs[name], *results[name]) for name in CASES}
+    out = {name: (inputs[name], *results[name]) for name in CASES}
+    out["__heads_last__"] = results["__heads_last__"]
+    return out
 
 
 def _check(kernel, name, **tol):
@@ -246,3 +248,21 @@ def test_without_triton_on_the_cpu_slot_attention_is_the_reference(monkeypatch):
     q, k, v = torch.randn(1, 2, 8, D), torch.randn(1, 2, 20, D), torch.randn(1, 2, 20, D)
     limit = torch.tensor([0, 5, 20, 13])
     assert torch.equal(A.slot_attention(q, k, v, limit), A.slot_attention_reference(q, k, v, limit))
+
+
+def test_heads_last_output_is_the_same_values_in_the_output_projection_layout(kernel):
+    """heads_last=True: [B, Q, KV * g, D] with query head h = kv * g + j (what o_proj reads after a
+    view), written directly by the kernel in both regimes."""
+    for name in CASES:
+        (q, k, v, limit, _), _, _ = kernel[name]
+        out = kernel["__heads_last__"][name]
+        b, n_kv, rows, d = q.shape
+        n_q = limit.shape[0]
+        assert out.shape == (b, n_q, rows // n_q * n_kv, d), name
+        ref = A._to_heads_last(A.slot_attention_reference(q, k, v, limit), n_q)
+        tol = dict(rtol=2e-2, atol=2e-2) if q.dtype == torch.bfloat16 else TOL
+        torch.testing.assert_close(out, ref, **tol, msg=name)
+    # the layout helper: head h = kv * g + j of query q is folded row j * Q + q of kv head kv
+    x = torch.randn(1, 2, 3 * 4, D)
+    hl = A._to_heads_last(x, 4)
+    assert torch.equal(hl[0, 1, 1 * 3 + 2], x[0, 1, 2 * 4 + 1])  # q = 1, kv = 1, j = 2

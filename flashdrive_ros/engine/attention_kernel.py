@@ -174,7 +174,7 @@ if triton is not None:
 
     @triton.jit
     def _slot_attention_fwd(Q, K, V, LIMIT, OUT, O_PART, M_PART, L_PART,
-                            sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_r,
+                            sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_j, so_q,
                             s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -230,11 +230,13 @@ if triton is not None:
             tl.store(L_PART + part, l_i, mask=row_ok)
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
-            tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_r + offs_d[None, :],
+            # folded row r = j * Q + q: output address from (j, q), so heads-last layouts need no copy
+            o_rows = (rows // n_queries) * so_j + (rows % n_queries) * so_q
+            tl.store(OUT + b * so_b + h * so_h + o_rows[:, None] + offs_d[None, :],
                      out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_r, n_kv, n_rows, n_splits,
+    def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
                       HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
         """Program (row, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
         r = tl.program_id(0)
@@ -252,7 +254,8 @@ if triton is not None:
         out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
         b = bh // n_kv
         h = bh % n_kv
-        tl.store(OUT + b * so_b + h * so_h + r * so_r + offs_d, out.to(OUT.dtype.element_ty))
+        o_row = (r // n_queries) * so_j + (r % n_queries) * so_q
+        tl.store(OUT + b * so_b + h * so_h + o_row + offs_d, out.to(OUT.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -264,14 +267,18 @@ def available(t: torch.Tensor) -> bool:
 
 
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
-                   scale: float | None = None, config: Config | None = None) -> torch.Tensor:
+                   scale: float | None = None, config: Config | None = None,
+                   heads_last: bool = False) -> torch.Tensor:
     """Attention of folded queries q [B, KV, R, D] over k/v [B, KV, N, D] (any strides, last dim
     contiguous; a batch-1 cache `.expand`ed over B is fine) where folded row r (query r % Q) sees
     the keys j < key_limit[r % Q]; key_limit: integer tensor [Q] on q's device. Softmax in fp32,
     result [B, KV, R, D] in q's dtype; a row that sees no key is 0. No host sync (graph-capturable).
-    `config` overrides the automatic plan (tests, tuning). Without Triton: the reference."""
+    `config` overrides the automatic plan (tests, tuning). Without Triton: the reference.
+    heads_last=True returns the same values as [B, Q, KV * g, D] (query-head h = kv * g + j, the
+    layout the output projection reads after a view), written in place by the kernel: no copy."""
     if not available(q):
-        return slot_attention_reference(q, k, v, key_limit, scale)
+        out = slot_attention_reference(q, k, v, key_limit, scale)
+        return _to_heads_last(out, key_limit.shape[0]) if heads_last else out
     b, n_kv, rows, d = q.shape
     n_keys = k.shape[2]
     if k.shape != (b, n_kv, n_keys, d) or v.shape != k.shape:
@@ -286,7 +293,14 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         raise ValueError("q, k and v need a contiguous last dim")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    out = torch.empty((b, n_kv, rows, d), dtype=q.dtype, device=q.device)
+    n_q = key_limit.shape[0]
+    g = rows // n_q
+    if heads_last:  # [B, Q, KV, g, D]: kv stride g*D, j stride D, q stride KV*g*D
+        out = torch.empty((b, n_q, n_kv * g, d), dtype=q.dtype, device=q.device)
+        so_b, so_h, so_j, so_q = out.stride(0), g * d, d, out.stride(1)
+    else:
+        out = torch.empty((b, n_kv, rows, d), dtype=q.dtype, device=q.device)
+        so_b, so_h, so_j, so_q = out.stride(0), out.stride(1), n_q * out.stride(2), out.stride(2)
     if rows == 0 or b * n_kv == 0 or n_keys == 0:
         return out.zero_()
     p = plan(b * n_kv, rows, n_keys, sm_count(q), config)
@@ -302,7 +316,7 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
     _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
         q, k, v, key_limit, out, o_part, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), so_b, so_h, so_j, so_q,
         key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
         scale * math.log2(math.e),
         HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, UPCAST=upcast,
@@ -310,9 +324,15 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         num_warps=c.num_warps, num_stages=c.num_stages)
     if split:
         _merge_splits[(rows, b * n_kv)](
-            o_part, m_part, l_part, out, out.stride(0), out.stride(1), out.stride(2),
-            n_kv, rows, p.splits, HEAD_DIM=d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
+            o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
+            n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
     return out
+
+
+def _to_heads_last(out: torch.Tensor, n_q: int) -> torch.Tensor:
+    """[B, KV, g*Q, D] -> [B, Q, KV*g, D] (a copy): what heads_last=True returns."""
+    b, n_kv, rows, d = out.shape
+    return out.reshape(b, n_kv, rows // n_q, n_q, d).permute(0, 3, 1, 2, 4).reshape(b, n_q, rows // n_q * n_kv, d)
 
 
 def slot_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,

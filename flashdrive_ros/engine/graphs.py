@@ -440,8 +440,10 @@ def _store_and_attend(i: int, attn, q, k, v, cos, sin, cache, slots, n: int, key
     keys = cache.k_rot[i, :, :, :n].expand(batch, -1, -1, -1)
     values = cache.v[i, :, :, :n].expand(batch, -1, -1, -1)
     limit = key_limit.reshape(-1).expand(qn) if key_limit.numel() == 1 else key_limit
-    out = ak.slot_attention(qr.reshape(b, attn.n_kv, (h // attn.n_kv) * qn, d), keys, values, limit)
-    return out.reshape(b, h, qn, d)
+    # heads-last output [B, Q, H, D]: _out_proj's transpose back makes it a view, not a copy
+    out = ak.slot_attention(qr.reshape(b, attn.n_kv, (h // attn.n_kv) * qn, d), keys, values, limit,
+                            heads_last=True)
+    return out.transpose(1, 2)
 
 
 def kernels_usable(t: torch.Tensor) -> bool:
