@@ -1,6 +1,7 @@
 """Where the time of the fast path goes at a named shape (device run, random bf16 weights: timing only).
 
     python scripts/gpu_profile.py --shape full --out DIR
+    python scripts/gpu_profile.py --from-json DIR/profile.json      # the summary table again (no GPU)
 
 1. Per-stage CUDA-graph replay time of the "all (τ=5.6)" path: encode, prefill, one verify pass, one
    draft pass, action (adaptive flow), each replayed alone (median of 20).
@@ -137,13 +138,32 @@ def micro(dev, dtype, out):
         print(f"{r['case']:<28}{r['rows']:>6}{r['us']:>9.1f}{r['kv_TBps']:>9.2f}")
 
 
+def summary_table(out: dict) -> str:
+    """The per-stage summary (Markdown) of a profile: replay time, GEMM / attention / other kernel ms."""
+    lines = ["| stage | graph replay ms | GEMM ms | attention ms (incl. split merge) | other kernels ms | launches |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, k in out["kernels"].items():
+        if label not in out["replay_ms"]:
+            continue
+        merge = sum(r["ms"] for r in k["top"] if "merge_splits" in r["name"])
+        gemm = k["kinds"].get("gemm", {}).get("ms", 0.0)
+        attn = k["kinds"].get("attention", {}).get("ms", 0.0) + merge
+        lines.append(f"| {label} | {out['replay_ms'][label]:.2f} | {gemm:.2f} | {attn:.2f} | "
+                     f"{k['total_kernel_ms'] - gemm - attn:.2f} | {k['launches']:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="full")
     ap.add_argument("--tau", type=float, default=5.6)
     ap.add_argument("--out", default="profile_out")
     ap.add_argument("--skip-micro", action="store_true")
+    ap.add_argument("--from-json", default=None, help="print the summary table of a saved profile.json and exit")
     args = ap.parse_args()
+    if args.from_json:
+        print(summary_table(json.loads(Path(args.from_json).read_text())))
+        return
     dev, dtype = torch.device("cuda"), torch.bfloat16
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape}
     t0 = time.time()
@@ -186,6 +206,7 @@ def main():
         print(f"--- {label}: by kind " + ", ".join(f"{n} {v['ms']:.2f} ms/{v['launches']:.0f}" for n, v in k["kinds"].items()))
         for r in k["top"][:12]:
             print(f"   {r['ms']:8.3f} ms {r['launches']:5.0f}x  {r['name'][:110]}")
+    print(summary_table(out))
     vr = out["kernels"]["verify_graph_replay"]
     print("verify graph replay seen by the profiler:", vr.get("total_kernel_ms"), vr.get("launches"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
