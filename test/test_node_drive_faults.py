@@ -228,42 +228,74 @@ def test_clip_boundary_resets_and_drops_the_old_clip_buffers(rig):
     rig.advance(t + 400_000)
 
 
-class SlowEngine(h.KinematicEngine):
-    def step(self, *args):
-        import time
-        time.sleep(0.35)      # > 0.1 s window stride: the worker is always busy
-        return super().step(*args)
-
-
 def test_busy_worker_keeps_the_newest_window_and_counts_drops():
-    rig = h.Rig(engine_factory=SlowEngine.from_pretrained)
+    """While the worker is busy the newest window replaces the waiting one (a counted drop); the worker
+    then runs the newest window. The engine double blocks each step until the test releases it, so the
+    test decides which windows arrive while the worker is busy (no dependence on machine speed).
+
+    Skipped windows: since reset_gap_ms defaults to 350 ms (was 150) the node no longer resets after a gap
+    of 2-3 windows; it leaves those to the engine, which continues its stream across them
+    (test_engine_streaming_gaps.py). This double streams unless the node resets it, so: the first window
+    and any window after a gap > reset_gap_ms are full prefills, windows after a gap <= reset_gap_ms
+    (skipped windows or none) are not."""
+    rig = h.Rig(engine_factory=h.GatedEngine.from_pretrained)
     try:
+        engine = rig.node.engine
+        assert isinstance(engine, h.GatedEngine), rig.node.last_error
+        assert rig.node.params.reset_gap_ms * 1000 == 350_000
         rig.preroll()
-        for t in range(0, 2_000_001, 100_000):       # 10 Hz input without waiting for the node
+        for t in (0, 100_000, 200_000):               # no window yet: the anchor does not cover t - 0.3 s
             rig.tick(t)
-        rig.wait_window(2_000_000, timeout=20)        # the newest window is always processed
-        stamps = rig.out.stamps("trajectory")
-        assert stamps[-1] == 2_000_000
-        assert 2 <= len(stamps) < 18                  # most of the 18 windows were skipped ...
-        dropped = rig.node.stats["dropped"]
-        assert dropped >= 18 - len(stamps) - 2        # ... and counted (a few may be superseded in sync)
-        assert [m.dropped_frames for m in rig.out.latency] == sorted(m.dropped_frames for m in rig.out.latency)
-        assert rig.out.latency[-1].dropped_frames == dropped
-        # Skipped windows: since reset_gap_ms defaults to 350 ms (was 150) the node no longer resets after a
-        # gap of 2-3 windows; it leaves those to the engine, which continues its stream across them
-        # (test_engine_streaming_gaps.py). This double streams unless the node resets it, so: the first
-        # window and any window after a gap > reset_gap_ms are full prefills, windows after a skipped gap
-        # <= reset_gap_ms are not. (On a loaded machine the test's own publishing may be slow enough for
-        # two consecutive windows to be processed.)
+        rig.tick(300_000)                             # first window, idle worker: taken at once
+        assert engine.wait_step() == 300_000
+        assert rig.node.stats["dropped"] == 0
+        # windows published while the worker is blocked on the previous one; the last of each burst is
+        # the one the worker must run next (gap to the previous processed window in the comment)
+        bursts = [(400_000, 500_000, 600_000),                       # 300 ms: 2 dropped, streams on
+                  (700_000,),                                         # 100 ms: nothing dropped
+                  (800_000, 900_000, 1_000_000, 1_100_000),           # 400 ms: 3 dropped, reset
+                  tuple(range(1_200_000, 2_000_001, 100_000))]        # 900 ms: 8 dropped, reset
+        processed, dropped = [300_000], 0
+        bounds = []                                   # per processed window: drops counted (taken, released)
+        for burst in bursts:
+            taken = dropped
+            for k, t in enumerate(burst):
+                rig.tick(t)
+                rig.wait_ready(t)                     # the node holds window t for the busy worker
+                dropped += k > 0                      # ... and it replaced the one waiting before it
+                assert rig.node.stats["dropped"] == dropped, (t, rig.node.stats)
+            bounds.append((taken, dropped))
+            engine.release()                          # finish processed[-1]; the worker takes the newest
+            assert engine.wait_step() == burst[-1]
+            processed.append(burst[-1])
+        bounds.append((dropped, dropped))
+        engine.release()
+        rig.wait_window(2_000_000, timeout=30)
+        rig._wait(lambda: all(len(getattr(rig.out, n)) >= len(processed) for n in OUTPUTS), 10, "all outputs")
+
+        assert processed == [300_000, 600_000, 700_000, 1_100_000, 2_000_000]
+        for name in OUTPUTS:
+            assert rig.out.stamps(name) == processed, name
+        stats = rig.node.stats
+        assert dropped == 13 == 18 - len(processed)   # every one of the 18 windows is processed or counted
+        assert (stats["dropped"], stats["superseded"], stats["windows"], stats["published"]) == (13, 0, 5, 5)
+        assert (stats["rejected"], stats["engine_errors"]) == (0, 0)
         lat = rig.out.latency
+        counts = [m.dropped_frames for m in lat]
+        assert counts == sorted(counts) and counts[-1] == stats["dropped"], counts
+        for m, (lo, hi) in zip(lat, bounds):          # the drop count when the window was published
+            assert lo <= m.dropped_frames <= hi, (counts, bounds)
         reset_gap_us = rig.node.params.reset_gap_ms * 1000
-        assert reset_gap_us == 350_000
-        gaps = [h.stamp_us(b.header.stamp) - h.stamp_us(a.header.stamp) for a, b in zip(lat, lat[1:])]
-        assert lat[0].full_prefill and any(gap > 100_000 for gap in gaps), gaps
-        for gap, b in zip(gaps, lat[1:]):
-            assert b.full_prefill == (gap > reset_gap_us), (gaps, [m.full_prefill for m in lat])
-        assert rig.node.stats["resets"] == 1 + sum(gap > reset_gap_us for gap in gaps)
+        gaps = [b - a for a, b in zip(processed, processed[1:])]
+        assert gaps == [300_000, 100_000, 400_000, 900_000]
+        full = [True] + [gap > reset_gap_us for gap in gaps]      # first window, then gaps > reset_gap_ms
+        assert full == [True, False, False, True, True]
+        assert [m.full_prefill for m in lat] == full
+        assert stats["resets"] == sum(full) == 3 and rig.node.last_reset_reason == "gap"   # start, gap, gap
+        assert engine.steps == 5
     finally:
+        if isinstance(rig.node.engine, h.GatedEngine):
+            rig.node.engine.open()                    # never leave the worker blocked (shutdown joins it)
         rig.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import queue
 import random
 import threading
 import time
@@ -146,6 +147,43 @@ class FaultyEngine:
 FAULTS: dict = {}
 
 
+class GatedEngine(KinematicEngine):
+    """Kinematic double whose step() is paced by the test instead of the wall clock.
+
+    Every step announces its window (clip-relative t0 in us, read with ``wait_step``) and then blocks until
+    ``release`` lets it finish, so the test knows the worker is busy on exactly that window while it
+    publishes newer ones: which windows the node skips is decided by the test, not by how fast the machine
+    is. ``open`` lets every step through (teardown, or a failed test that left the worker blocked)."""
+
+    def __init__(self, timeout_s: float = 60.0, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout_s = timeout_s
+        self._entered: queue.Queue = queue.Queue()
+        self._go = threading.Semaphore(0)
+        self._open = threading.Event()
+
+    def step(self, frames, t0_us, ego_history_xyz, ego_history_rot):
+        self._entered.put(int(t0_us) - EPOCH_US)
+        if not self._open.is_set() and not self._go.acquire(timeout=self.timeout_s):
+            raise TimeoutError(f"GatedEngine: step for t0={int(t0_us) - EPOCH_US} us was never released")
+        return super().step(frames, t0_us, ego_history_xyz, ego_history_rot)
+
+    def wait_step(self, timeout: float = 30.0) -> int:
+        """Clip-relative t0 of the next step the worker entered (it is now blocked in it)."""
+        try:
+            return self._entered.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("GatedEngine: the worker did not start another step") from None
+
+    def release(self) -> None:
+        """Let the blocked step (or the next one) finish."""
+        self._go.release()
+
+    def open(self) -> None:
+        self._open.set()
+        self._go.release()
+
+
 def faulty_engine_factory(model, **kwargs):
     """For the `engine_factory` parameter: 'test_node_harness:faulty_engine_factory' (kinematic inside:
     these tests are about the node's reaction, and the real engine takes seconds per window on CI CPUs)."""
@@ -179,6 +217,18 @@ class Outputs:
         return {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values}
 
 
+_LIVE_DOMAINS: set = set()   # domains of this process's open rigs (a module-scoped rig outlives others)
+
+
+def _free_domain() -> int:
+    """A random domain no open rig of this process uses: two rigs on one domain see each other's inputs
+    and outputs (two drive nodes answering one probe)."""
+    free = [d for d in range(110, 231) if d not in _LIVE_DOMAINS]
+    d = random.choice(free)
+    _LIVE_DOMAINS.add(d)
+    return d
+
+
 class Rig:
     """Drive node + probe node in a private rclpy context on a random domain, spun in a thread.
 
@@ -202,7 +252,8 @@ class Rig:
 
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx, domain_id=random.randint(110, 230))
+        self.domain_id = _free_domain()
+        rclpy.init(context=self.ctx, domain_id=self.domain_id)
         if engine_factory_param:
             params["engine_factory"] = engine_factory_param
         params.setdefault("max_frame_age_ms", 0.0)  # stamps are 2023 while the node clock is wall time
@@ -324,6 +375,17 @@ class Rig:
             time.sleep(0.01)
         time.sleep(0.05)  # the other topics of the same window
 
+    def wait_ready(self, t_us: int, timeout: float = 10.0):
+        """Block until the node's camera sync has handed the window t0 = t to the worker (pending, in
+        progress or done); a later window handed over instead also ends the wait."""
+        target = EPOCH_US + t_us
+
+        def ready():
+            with self.node._lock:   # the hand-over (and its drop count) happens under this lock
+                last = self.node.sync._last_emitted
+            return last is not None and last >= target
+        self._wait(ready, timeout, f"window t0={t_us} us handed to the worker")
+
     def run(self, t_from_us: int, t_to_us: int, step_us: int = 100_000, **tick_kw):
         """Tick [t_from, t_to] and wait for each window t >= 0.3 s."""
         t = t_from_us
@@ -354,3 +416,4 @@ class Rig:
         self.node.destroy_node()
         self.probe.destroy_node()
         rclpy.shutdown(context=self.ctx)
+        _LIVE_DOMAINS.discard(self.domain_id)
