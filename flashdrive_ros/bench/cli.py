@@ -147,9 +147,10 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
             return row
 
         guarded(name, our_row)
-    from ..engine.graphs import attention_choices
+    from ..engine.graphs import attention_choices, linear_choices
 
     result["attention_choices"] = attention_choices()
+    result["linear_choices"] = linear_choices()
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
@@ -194,6 +195,9 @@ def to_markdown(res: dict) -> str:
     if res.get("attention_choices"):
         lines.append("Attention kernel chosen per shape by timing: " +
                      "; ".join(f"{k}: {v}" for k, v in res["attention_choices"].items()) + ".")
+    if res.get("linear_choices"):
+        lines.append("Few-row GEMMs, cuBLAS or the Triton skinny GEMM chosen per shape by timing: " +
+                     "; ".join(f"{k}: {v}" for k, v in res["linear_choices"].items()) + ".")
     if "peak_memory_gib" in res:
         lines.append(f"Peak GPU memory {res['peak_memory_gib']} GiB; wall time {res['wall_s']} s.")
     meas = roofline.measured_from_bench(res)

@@ -335,9 +335,54 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask: torc
     return out.reshape(b, h, qn, d)
 
 
+# ------------------------------------------------------------------------------------ projections
+# Few-row GEMMs (decode / verify / the 64 action tokens) are weight-bandwidth bound, and cuBLAS's kernels
+# for them lose to fixed latency on narrow weights. On CUDA, per GEMM shape, the faster of F.linear and
+# the Triton skinny GEMM (engine/linear_kernel.py) is chosen by timing both once, outside capture.
+SKINNY_ROWS = 128
+_LINEAR_CHOICE: dict[tuple, str] = {}
+
+
+def linear_choices() -> dict[str, str]:
+    """What the timing picked per GEMM shape (for the benchmark report)."""
+    return {f"M{k[0]} N{k[1]} K{k[2]}": v for k, v in _LINEAR_CHOICE.items()}
+
+
+def _time_ms(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b), through the Triton skinny GEMM where that was measured faster for this shape."""
+    rows = x.numel() // x.shape[-1]
+    if rows > SKINNY_ROWS or not x.is_cuda:
+        return F.linear(x, w, b)
+    lk = _kernel_module("linear_kernel", x)
+    if lk is None:
+        return F.linear(x, w, b)
+    key = (rows, w.shape[0], w.shape[1], x.dtype, b is not None)
+    choice = _LINEAR_CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return F.linear(x, w, b)  # never tune inside a capture
+        t_cublas = _time_ms(lambda: F.linear(x, w, b))
+        t_triton = _time_ms(lambda: lk.skinny_linear(x, w, b))
+        choice = _LINEAR_CHOICE[key] = "triton" if t_triton < 0.95 * t_cublas else "cublas"
+    return lk.skinny_linear(x, w, b) if choice == "triton" else F.linear(x, w, b)
+
+
 def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     b, _, n, _ = out.shape
-    return attn.o_proj(out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.head_dim))
+    o = attn.o_proj
+    return linear(out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.head_dim), o.weight, o.bias)
 
 
 def _qkv(attn: Attention, h: torch.Tensor):
@@ -345,7 +390,7 @@ def _qkv(attn: Attention, h: torch.Tensor):
     b, n, _ = h.shape
     nq, nkv = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
     if hasattr(attn, "qkv_weight"):
-        q, k, v = F.linear(h, attn.qkv_weight, attn.qkv_bias).split([nq, nkv, nkv], dim=-1)
+        q, k, v = linear(h, attn.qkv_weight, attn.qkv_bias).split([nq, nkv, nkv], dim=-1)
     else:
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
     return (q.view(b, n, attn.n_heads, attn.head_dim), k.view(b, n, attn.n_kv, attn.head_dim),
@@ -354,7 +399,8 @@ def _qkv(attn: Attention, h: torch.Tensor):
 
 def _mlp(mlp: MLP, h: torch.Tensor) -> torch.Tensor:
     if hasattr(mlp, "gate_up_weight"):
-        return mlp.down_proj(fused_swiglu(F.linear(h, mlp.gate_up_weight)))
+        d = mlp.down_proj
+        return linear(fused_swiglu(linear(h, mlp.gate_up_weight)), d.weight, d.bias)
     return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
@@ -737,5 +783,5 @@ __all__ = [
     "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "drafter_forward", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "drafter_forward", "linear", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
 ]
