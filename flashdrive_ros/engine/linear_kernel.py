@@ -1,0 +1,337 @@
+"""Skinny linear layers, y = x @ w^T (+ bias) with few rows, at weight bandwidth (issue 7).
+
+    y = skinny_linear(x, w, bias=None)     # x [..., K] with M = prod(leading dims) <= 128, w [N, K]
+
+Why a kernel: the action expert runs its GEMMs on M = 64 token rows (the LM verify pass on 8, decode
+on 1), so every one of them is a stream of the weight matrix from HBM with almost no arithmetic per
+byte. cuBLAS gets 1.3-2.2 TB/s of the H100's ~3 TB/s on the expert shapes (o_proj [2048 x 2048] worst:
+too few thread blocks; down [2048 x 8256] pays a separate split-K reduce).
+
+Design: one program owns BLOCK_N output columns for all M rows (BLOCK_M = M padded to a power of two
+>= 16, tl.dot's minimum) and streams its BLOCK_N weight rows once, BLOCK_K at a time through a
+num_stages-deep pipeline. The dot is computed transposed, acc[BLOCK_N, BLOCK_M] = w_tile @ x_tile^T,
+so that the big side of the tile is the MMA's M dimension (the weight is the K-major A operand; on
+Hopper that is a wgmma shape even for M = 1). For narrow N the K axis is split over SPLIT_K programs
+(grid (N / BLOCK_N, SPLIT_K)): each writes an fp32 partial [M, BLOCK_N], and a small second kernel sums
+the partials, adds the bias and casts. The x rows (at most 128 x K) come from L2.
+
+Tuning: per shape key (device, dtype, M, N, K, bias?) the first call outside CUDA-graph capture times
+the CONFIGS that fit the shape (triton.testing.do_bench, L2 flushed between runs, so weights come from
+HBM as in the model) and caches the winner (also the cuBLAS time of the same call, for the caller's
+choice). This is what triton.autotune does, done by hand because the split-K workspace and the
+reduce launch depend on the chosen config. After that a call is a dict lookup, an allocation and one
+or two launches: no host synchronisation, capturable. A call during capture for a shape never tuned
+does not benchmark (that would break the capture): it runs F.linear. Under Triton's interpreter (or
+`tune=False`) the heuristic `default_config` is cached instead of timing anything.
+`export_tuned()` / `load_tuned()` keep the choices across processes.
+
+Pipelining: the W and x tiles go through cp.async multi-buffering only when Triton knows the pointers
+and K-offsets are 16-byte aligned, which its JIT specializes on at launch (pointers % 16, K, row
+strides and the split chunk % 16): true for every model weight (also row slices of fused buffers,
+K * 2 bytes per row). Other shapes stay correct but unpipelined.
+
+`skinny_linear_reference` is the specification: F.linear in fp32, cast back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from flashdrive_ros.engine.attention_kernel import _interpreting, _patch_interpreter_for_numpy_2_4, sm_count
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: F.linear still works, available() says False
+    triton = None
+    tl = None
+
+
+MAX_ROWS = 128  # above this the GEMM is not weight-bandwidth bound; skinny_linear defers to F.linear
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# --------------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class Config:
+    """block_n: output columns (weight rows) per program; block_k: K per pipeline step; split_k:
+    programs along K per column block (1 = no split, no partials)."""
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (block_n, block_k, num_warps, num_stages): tiles of 16-64 KB of weight per stage, 3-5 stages deep;
+# each is tried with split_k 1 / 2 / 4 / 8 where the program count calls for it (`candidates`).
+TILES = (
+    (32, 256, 4, 4), (32, 256, 4, 5),
+    (64, 128, 4, 4), (64, 128, 4, 5),
+    (64, 256, 4, 3), (64, 256, 4, 4), (64, 256, 8, 4),
+    (128, 64, 4, 5),
+    (128, 128, 4, 3), (128, 128, 8, 4), (128, 128, 8, 5),
+    (128, 256, 8, 3),
+)
+SPLITS = (1, 2, 4, 8)
+CONFIGS = tuple(Config(bn, bk, s, w, st) for (bn, bk, w, st), s in itertools.product(TILES, SPLITS))
+# Programs wanted per SM: below MIN_PROGRAMS_PER_SM a config leaves SMs idle (split K instead); at or
+# above MAX_PROGRAMS_PER_SM without splitting, splitting only adds partial traffic.
+MIN_PROGRAMS_PER_SM = 0.9
+MAX_PROGRAMS_PER_SM = 2
+SMEM_BYTES = 200 * 1024  # per-program pipeline buffers must fit (H100: 227 KB per block)
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25  # do_bench per candidate
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_m(m: int) -> int:
+    """Rows of the tile: M padded to a power of two, at least 16 (tl.dot)."""
+    return max(16, 1 << max(0, (m - 1).bit_length()))
+
+
+def _programs(c: Config, n: int, k: int) -> int:
+    return _cdiv(n, c.block_n) * _n_splits(c, k)
+
+
+def _chunk(c: Config, k: int) -> int:
+    """K per split, a multiple of block_k (so only the last block of K can be partial)."""
+    return _cdiv(_cdiv(k, c.split_k), c.block_k) * c.block_k
+
+
+def _n_splits(c: Config, k: int) -> int:
+    return _cdiv(k, _chunk(c, k))
+
+
+def _smem(c: Config, m: int, elt: int) -> int:
+    return c.num_stages * (c.block_n + block_m(m)) * c.block_k * elt
+
+
+def candidates(m: int, n: int, k: int, sms: int, elt: int = 2) -> list[Config]:
+    """The CONFIGS worth timing for this shape: pipeline buffers fit, block_k no longer than K needs,
+    and a program count that fills the GPU without needless splitting. Never empty."""
+    fit = [c for c in CONFIGS if _smem(c, m, elt) <= SMEM_BYTES and (c.block_k <= 64 or c.block_k // 2 < k)
+           and (c.split_k == 1 or _n_splits(c, k) == c.split_k)]
+    good = [c for c in fit if _programs(c, n, k) >= MIN_PROGRAMS_PER_SM * sms
+            and (c.split_k == 1 or _cdiv(n, c.block_n) * (c.split_k // 2) < MAX_PROGRAMS_PER_SM * sms)]
+    if good:
+        return good
+    if not fit:  # tiny K with fp32 rows: one small config
+        return [Config(32, 64, 1, 4, 2)]
+    most = max(_programs(c, n, k) for c in fit)  # small problems: the configs with the most programs
+    return [c for c in fit if _programs(c, n, k) == most]
+
+
+def default_config(m: int, n: int, k: int, sms: int, elt: int = 2) -> Config:
+    """Heuristic pick without timing (interpreter, tune=False): 64 x 128 tiles, 4 stages, split K
+    until there is a program per SM."""
+    cands = candidates(m, n, k, sms, elt)
+    for pref in (Config(64, 128, s, 4, 4) for s in SPLITS):
+        if pref in cands:
+            return pref
+    return cands[0]
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+if triton is not None:
+    if _interpreting():
+        _patch_interpreter_for_numpy_2_4()
+
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (column block, split): acc[n, m] = sum over its K chunk of W[n, k] X[m, k].
+        SPLIT: store the fp32 partial at P[split, m, n] (for _reduce_splits); otherwise add the bias
+        and store Y[m, n] in Y's dtype."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, K)
+        w_ptrs = W + offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
+        x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = (start + offs_k) < K
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT:
+            tl.store(P + (pid_s * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + offs_m[None, :] * N + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _reduce_splits(P, B, Y, total, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """Y[i] = sum_s P[s, i] (+ bias[i % N]) over the flattened [M, N] outputs."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < total
+        acc = tl.load(P + offs, mask=ok, other=0.0)
+        for s in tl.static_range(1, SPLITS):
+            acc += tl.load(P + s * total + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(B + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------ API
+
+def available(t: torch.Tensor) -> bool:
+    """True when the Triton kernel can run on tensor t: a CUDA tensor with triton importable, or
+    any tensor while Triton's interpreter (TRITON_INTERPRET=1, set before import) is on."""
+    return triton is not None and (t.is_cuda or _interpreting())
+
+
+@dataclass(frozen=True)
+class Tuned:
+    config: Config
+    kernel_us: float | None = None  # do_bench median of the winner (None: not timed)
+    cublas_us: float | None = None  # do_bench median of F.linear on the same call
+
+
+_TUNED: dict[tuple, Tuned] = {}
+
+
+def _key(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    dev = x2.device.index if x2.is_cuda else -1
+    return (dev, str(x2.dtype)[6:], x2.shape[0], w.shape[0], w.shape[1], bias is not None)
+
+
+def _capturing() -> bool:
+    """Is the current CUDA stream capturing a graph? (a function so that tests can pretend)"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _supported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    return (available(x) and x.dtype in DTYPES and w.dtype == x.dtype and w.dim() == 2 and x.dim() >= 1
+            and w.device == x.device and w.stride(1) == 1 and w.stride(0) >= w.shape[1]
+            and 0 < m <= MAX_ROWS and w.shape[0] > 0 and w.shape[1] > 0 and x.shape[-1] == w.shape[1]
+            and (bias is None or (bias.shape == (w.shape[0],) and bias.device == x.device)))
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: Config | None = None, tune: bool = True) -> torch.Tensor:
+    """F.linear(x, w, bias) for x [..., K] with M = prod(leading dims) <= MAX_ROWS rows and w [N, K]
+    with unit column stride (a row slice of a bigger fused weight is fine: base pointer + row stride),
+    bf16 / fp16 / fp32 (x and w alike), fp32 accumulation, bias added in fp32, output in x's dtype.
+    `config` forces a launch config (tests, sweeps); otherwise the shape's tuned one (timed on the first
+    call outside capture; `tune=False`: the heuristic default). Anything else (more rows, mixed dtypes,
+    no Triton, an untuned shape during graph capture): F.linear."""
+    if not _supported(x, w, bias):
+        return F.linear(x, w, bias)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if config is None:
+        key = _key(x2, w, bias)
+        tuned = _TUNED.get(key)
+        if tuned is None:
+            if _capturing():  # benchmarking here would break the capture
+                return F.linear(x, w, bias)
+            tuned = _tune(x2, w, bias) if tune and x2.is_cuda else \
+                Tuned(default_config(x2.shape[0], w.shape[0], k, sm_count(x2), x2.element_size()))
+            _TUNED[key] = tuned
+        config = tuned.config
+    return _launch(x2, w, bias, config).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config) -> torch.Tensor:
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    chunk = _chunk(c, k)
+    splits = _cdiv(k, chunk)
+    split = splits > 1
+    p = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else y
+    b = bias if bias is not None else y  # unused pointer
+    upcast = _interpreting() and x2.dtype != torch.float32
+    _skinny_linear_fwd[(_cdiv(n, c.block_n), splits)](
+        x2, w, b, y, p, m, n, k, x2.stride(0), w.stride(0), chunk,
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
+        EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    if split:
+        block = 1024
+        _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
+                                                 BLOCK=block, num_warps=4)
+    return y
+
+
+def _tune(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> Tuned:
+    """Time the candidates on this very call (outside capture; synchronises) and keep the fastest."""
+    from triton.testing import do_bench
+    m, k = x2.shape
+    best: tuple[float, Config] | None = None
+    for c in candidates(m, w.shape[0], k, sm_count(x2), x2.element_size()):
+        try:
+            us = 1000.0 * do_bench(lambda: _launch(x2, w, bias, c), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
+                                   return_mode="median")
+        except Exception:  # out of shared memory / registers for this shape: not a candidate
+            continue
+        if best is None or us < best[0]:
+            best = (us, c)
+    cublas = 1000.0 * do_bench(lambda: F.linear(x2, w, bias), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
+                               return_mode="median")
+    if best is None:
+        return Tuned(default_config(m, w.shape[0], k, sm_count(x2), x2.element_size()), None, cublas)
+    return Tuned(best[1], best[0], cublas)
+
+
+def tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> Tuned | None:
+    """The cached choice for this call's shape (None: never called outside capture)."""
+    return _TUNED.get(_key(x.reshape(-1, x.shape[-1]), w, bias))
+
+
+def export_tuned() -> list[dict]:
+    """The tuned choices as JSON-able records (load_tuned takes them back)."""
+    return [dict(zip(("device", "dtype", "m", "n", "k", "bias"), key), **asdict(t.config),
+                 kernel_us=t.kernel_us, cublas_us=t.cublas_us) for key, t in _TUNED.items()]
+
+
+def load_tuned(records: list[dict]) -> None:
+    """Seed the cache (e.g. from export_tuned on the same GPU model): those shapes skip timing."""
+    fields = Config.__dataclass_fields__
+    for r in records:
+        key = (r["device"], r["dtype"], r["m"], r["n"], r["k"], r["bias"])
+        _TUNED[key] = Tuned(Config(**{f: r[f] for f in fields}), r.get("kernel_us"), r.get("cublas_us"))
+
+
+def clear_tuned() -> None:
+    _TUNED.clear()
+
+
+def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification: F.linear in fp32, cast back to x's dtype."""
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)

@@ -1,0 +1,63 @@
+"""Runs skinny_linear under Triton's interpreter in a fresh process (helper of test_linear_kernel.py).
+
+    python test/linear_interp.py CASES.pt RESULTS.pt
+
+TRITON_INTERPRET=1 only takes effect if it is set before triton's jit decorators run, which an earlier
+import of triton in the pytest process would already have done; hence a separate process. CASES.pt
+maps a name to (x, w, bias, Config fields or None); torch.save keeps views' strides (row / column slices
+of a bigger weight). RESULTS.pt maps the name to (output, w strides as the kernel saw them), and
+"__capture__" to the outputs of the simulated-capture sequence (see capture_sequence).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from flashdrive_ros.engine import linear_kernel as L  # noqa: E402
+
+
+def capture_sequence(x, w, bias):
+    """An untuned shape called while 'capturing' (must be F.linear, must not tune or cache), then the
+    same shape outside capture (tunes: here the default config, cached), then inside capture again
+    (must now run the kernel with the cached config)."""
+    L.clear_tuned()
+    real = L._capturing
+    calls = []
+    launch = L._launch
+    L._launch = lambda *a: calls.append(a[-1]) or launch(*a)
+    try:
+        L._capturing = lambda: True
+        during_untuned = L.skinny_linear(x, w, bias)
+        cached_after_untuned = L.tuned(x, w, bias)
+        launches_untuned = len(calls)
+        L._capturing = lambda: False
+        outside = L.skinny_linear(x, w, bias)
+        L._capturing = lambda: True
+        during_tuned = L.skinny_linear(x, w, bias)
+    finally:
+        L._capturing = real
+        L._launch = launch
+    return dict(during_untuned=during_untuned, cached_after_untuned=cached_after_untuned,
+                launches_untuned=launches_untuned, launches=len(calls), outside=outside,
+                during_tuned=during_tuned, config=L.tuned(x, w, bias).config)
+
+
+def main(cases_path: str, results_path: str) -> None:
+    cases = torch.load(cases_path, weights_only=False)
+    results = {}
+    for name, (x, w, bias, config) in cases.items():
+        if name == "__capture__":
+            continue
+        cfg = None if config is None else L.Config(**config)
+        results[name] = (L.skinny_linear(x, w, bias, config=cfg), w.stride())
+    results["__capture__"] = capture_sequence(*cases["__capture__"][:3])
+    torch.save(results, results_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
