@@ -302,3 +302,16 @@ def test_drafter_fast_forward_matches_drafter_forward(fuse):
     block = torch.randn(2, s, cfg.text.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(fast.forward_fast(block, context), drafter(block, context), **TOL)
+
+
+def test_skinny_gemm_is_used_only_for_shapes_tuned_on_this_gpu_model():
+    """No tuning at run time: the Triton skinny GEMM runs for a shape only where a shipped tuning record
+    for this GPU model measured it faster than cuBLAS; on the CPU, graphs.linear is F.linear."""
+    assert graphs.tuned_linear_file("NVIDIA H100 80GB HBM3").name == "linear_nvidia_h100_80gb_hbm3.json"
+    x, w, b = torch.randn(2, 3, 16), torch.randn(24, 16), torch.randn(24)
+    assert torch.equal(graphs.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    for path in graphs.TUNED_DIR.glob("linear_*.json"):
+        data = __import__("json").loads(path.read_text())
+        assert data["gpu"] and data["command"]
+        for r in data["records"]:
+            assert {"dtype", "m", "n", "k", "bias", "block_n", "block_k", "kernel_us", "cublas_us"} <= r.keys()

@@ -30,7 +30,9 @@ Three layers, each usable alone:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -337,46 +339,52 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask: torc
 
 # ------------------------------------------------------------------------------------ projections
 # Few-row GEMMs (decode / verify / the 64 action tokens) are weight-bandwidth bound, and cuBLAS's kernels
-# for them lose to fixed latency on narrow weights. On CUDA, per GEMM shape, the faster of F.linear and
-# the Triton skinny GEMM (engine/linear_kernel.py) is chosen by timing both once, outside capture.
+# for them lose to fixed latency on narrow weights. The Triton skinny GEMM (engine/linear_kernel.py) is
+# used for a GEMM shape only where a tuning record shipped for this GPU model says it beat cuBLAS
+# (engine/tuned/linear_<gpu>.json, written by scripts/gpu_linear_check.py --out): nothing is tuned or
+# timed at run time, so a drive node never stalls on a first call.
 SKINNY_ROWS = 128
-_LINEAR_CHOICE: dict[tuple, str] = {}
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+_SHIPPED: dict = {"loaded": set(), "use": set()}
+
+
+def tuned_linear_file(gpu_name: str) -> Path:
+    slug = "".join(c if c.isalnum() else "_" for c in gpu_name.lower()).strip("_")
+    return TUNED_DIR / f"linear_{slug}.json"
+
+
+def _load_shipped_tuning(lk, device: torch.device) -> None:
+    if device in _SHIPPED["loaded"]:
+        return
+    _SHIPPED["loaded"].add(device)
+    path = tuned_linear_file(torch.cuda.get_device_name(device))
+    if not path.exists():
+        return
+    for r in json.loads(path.read_text())["records"]:
+        r = dict(r, device=device.index if device.index is not None else torch.cuda.current_device())
+        lk.load_tuned([r])
+        if r.get("kernel_us") and r.get("cublas_us") and r["kernel_us"] < 0.95 * r["cublas_us"]:
+            _SHIPPED["use"].add((r["device"], r["dtype"], r["m"], r["n"], r["k"], r["bias"]))
 
 
 def linear_choices() -> dict[str, str]:
-    """What the timing picked per GEMM shape (for the benchmark report)."""
-    return {f"M{k[0]} N{k[1]} K{k[2]}": v for k, v in _LINEAR_CHOICE.items()}
-
-
-def _time_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
+    """The GEMM shapes that run the Triton skinny GEMM (for the benchmark report)."""
+    return {f"{k[1]} M{k[2]} N{k[3]} K{k[4]}": "triton" for k in sorted(_SHIPPED["use"])}
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b), through the Triton skinny GEMM where that was measured faster for this shape."""
+    """F.linear(x, w, b), or the Triton skinny GEMM for shapes tuned faster on this GPU model."""
     rows = x.numel() // x.shape[-1]
     if rows > SKINNY_ROWS or not x.is_cuda:
         return F.linear(x, w, b)
     lk = _kernel_module("linear_kernel", x)
     if lk is None:
         return F.linear(x, w, b)
-    key = (rows, w.shape[0], w.shape[1], x.dtype, b is not None)
-    choice = _LINEAR_CHOICE.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, w, b)  # never tune inside a capture
-        t_cublas = _time_ms(lambda: F.linear(x, w, b))
-        t_triton = _time_ms(lambda: lk.skinny_linear(x, w, b))
-        choice = _LINEAR_CHOICE[key] = "triton" if t_triton < 0.95 * t_cublas else "cublas"
-    return lk.skinny_linear(x, w, b) if choice == "triton" else F.linear(x, w, b)
+    _load_shipped_tuning(lk, x.device)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if (dev, str(x.dtype)[6:], rows, w.shape[0], w.shape[1], b is not None) in _SHIPPED["use"]:
+        return lk.skinny_linear(x, w, b, tune=False)
+    return F.linear(x, w, b)
 
 
 def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
