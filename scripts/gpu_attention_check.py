@@ -6,10 +6,14 @@ KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
   decode (R = 4: g = 4, Q = 1), verify (R = 32: Q = 8), action (R = 128: g = 2, Q = 64, one limit),
   streaming prefill (R = 3196: Q = 799 at scattered frozen slots), full prefill (R = 12140: Q = 3035, causal).
 1. Correctness of the default plan against slot_attention_reference (rel L2 < 1e-2) with the output and
-   workspace memory poisoned with NaN first, and once more through a CUDA graph replayed on new inputs
-   (the kernel must be capturable: no host sync).
+   workspace memory poisoned with NaN first, and through a CUDA graph replayed 3 times, each on new
+   inputs (the kernel must be capturable: no host sync). Few-rows cases check both split merges: fused
+   (the default: the last program of a row tile merges, through an atomic counter it resets) and the
+   two-kernel path; eager calls and the graph use different counters, and every counter must be back
+   at 0 afterwards.
 2. Timing (per call, from CUDA graphs of back-to-back calls, median of replays): slot_attention (default
-   plan, then a sweep of block sizes / warps / stages / splits), F.scaled_dot_product_attention with the
+   plan fused and two-kernel, then a sweep of block sizes / warps / stages / splits / merge, fused merge
+   groups), F.scaled_dot_product_attention with the
    additive mask, graphs._attn_math. K/V are read from an 8-layer cache (102 MB, calls rotate layers and
    3 query sets) so they come from HBM as in the model, not from the 50 MB L2.
 The sweep stops at --budget-s; the table (us, K/V TB/s over all 3136 slots, TFLOP/s of the visible
@@ -120,6 +124,13 @@ def capture(fn):
     return g.replay, out
 
 
+def counters_clear() -> bool:
+    """Every fused-merge counter handed out so far is 0 (eager ones and those of captured calls)."""
+    torch.cuda.synchronize()
+    bufs = [a.buf for a in A._ARENAS.values()] + list(A._RETIRED)
+    return all(int(b.count_nonzero()) == 0 for b in bufs)
+
+
 def poison(plan: A.Plan, rows: int) -> None:
     """Leave NaN-filled blocks of the sizes slot_attention will allocate in the caching allocator."""
     sizes = [(KV * rows * D, DTYPE)]
@@ -132,7 +143,19 @@ def poison(plan: A.Plan, rows: int) -> None:
 
 def cfg_name(c: A.Config | None, plan: A.Plan) -> str:
     c = plan.config if c is None else c
-    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}"
+    merge = "" if plan.splits == 1 else f" fused/g{plan.merge_group}" if plan.fused_merge else " 2-kernel"
+    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}{merge}"
+
+
+TWO_KERNEL = A.Config(0, 0, 0, 0, fused_merge=False)  # marker: the default plan with the two-kernel merge
+
+
+def resolve(cfg: A.Config | None, rows: int, sms: int) -> A.Config | None:
+    """cfg, or for TWO_KERNEL the automatic plan's config with fused_merge=False."""
+    if cfg is TWO_KERNEL:
+        from dataclasses import replace
+        return replace(A.plan(KV, rows, N, sms).config, fused_merge=False)
+    return cfg
 
 
 def main() -> None:
@@ -141,6 +164,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     dev = torch.device(DEV)
+    # Every captured fused-merge call gets counters of its own: room for the sweep's thousands of
+    # captured calls, so none falls back to a captured torch.zeros (a memset node in the timing).
+    A.COUNTERS_CAPTURED = 1 << 22
     assert A.available(torch.zeros(1, device=dev)), "needs CUDA and triton"
     sms = A.sm_count(torch.zeros(1, device=dev))
     print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, torch {torch.__version__}, triton {A.triton.__version__}")
@@ -160,28 +186,43 @@ def main() -> None:
         qs = [torch.randn(1, KV, rows, D, device=dev, dtype=DTYPE) for _ in range(3)]
         kv = [(k_cache[i, :, :, :N], v_cache[i, :, :, :N]) for i in range(LAYERS)]
         plan = A.plan(KV, rows, N, sms)
-        ref = A.slot_attention_reference(qs[0], *kv[0], limit)
-        poison(plan, rows)
-        out = A.slot_attention(qs[0], *kv[0], limit)
-        err = rel_l2(out, ref)
-        nan = bool(out.isnan().any())
-        # Capturable: a graph captured on static buffers, replayed after new inputs were copied in.
-        sq, sl = qs[0].clone(), limit.clone()
-        replay, gout = capture(lambda: A.slot_attention(sq, *kv[1], sl))
-        sq.copy_(qs[1])
-        sl.copy_(torch.clamp(limit - 5, min=0))
-        replay()
-        gerr = rel_l2(gout, A.slot_attention_reference(qs[1], *kv[1], sl))
-        ok = err < 1e-2 and gerr < 1e-2 and not nan
-        failures += not ok
-        checks.append(f"{name:<16} plan {cfg_name(None, plan):<28} rel L2 {err:.2e}  graph replay {gerr:.2e}"
-                      f"{'  NaN!' if nan else ''}  {'ok' if ok else 'FAIL'}")
-        print(checks[-1], flush=True)
-        del replay, gout, ref, out
+        variants = [None] + ([TWO_KERNEL] if plan.splits > 1 else [])
+        for variant in variants:
+            cfg = resolve(variant, rows, sms)
+            vplan = A.plan(KV, rows, N, sms, cfg)
+            ref = A.slot_attention_reference(qs[0], *kv[0], limit)
+            poison(vplan, rows)
+            out = A.slot_attention(qs[0], *kv[0], limit, config=cfg)
+            err = rel_l2(out, ref)
+            nan = bool(out.isnan().any())
+            # Eager twice more in a row (the same eager counters), new inputs each time.
+            for i in (1, 2):
+                err = max(err, rel_l2(A.slot_attention(qs[i], *kv[i], limit, config=cfg),
+                                      A.slot_attention_reference(qs[i], *kv[i], limit)))
+            # Capturable: a graph captured on static buffers (poisoned output), replayed 3 times, each
+            # after new inputs were copied in (the counters of the captured call must reset each time).
+            sq, sl = qs[0].clone(), limit.clone()
+            poison(vplan, rows)
+            replay, gout = capture(lambda: A.slot_attention(sq, *kv[1], sl, config=cfg))
+            gerr = 0.0
+            for i, shift in ((1, 5), (2, 0), (0, 700)):
+                sq.copy_(qs[i])
+                sl.copy_(torch.clamp(limit - shift, min=0))  # 700 fewer keys: some splits dead
+                gout.fill_(float("nan"))  # every replay must write every output element
+                replay()
+                gerr = max(gerr, rel_l2(gout, A.slot_attention_reference(qs[i], *kv[1], sl)))
+                nan = nan or bool(gout.isnan().any())
+            clear = counters_clear()
+            ok = err < 1e-2 and gerr < 1e-2 and not nan and clear
+            failures += not ok
+            checks.append(f"{name:<16} plan {cfg_name(cfg, vplan):<38} rel L2 {err:.2e}  3 graph replays {gerr:.2e}"
+                          f"{'  NaN!' if nan else ''}{'' if clear else '  COUNTERS NOT 0!'}  {'ok' if ok else 'FAIL'}")
+            print(checks[-1], flush=True)
+            del replay, gout, ref, out
         state[name] = (g, limit, rows, qs, kv, plan)
 
     # -------------------------------------------------------------------------------- 2. timing
-    def timed(name: str, impl: str, fn, flops: float, err: float | None, big: bool) -> None:
+    def timed(name: str, impl: str, fn, flops: float, err: float | None, big: bool, cfg=None) -> None:
         try:
             us = time_graph(fn, n_calls=6 if big else 30, replays=5 if big else 15)
         except Exception as e:  # a config out of shared memory / registers, an inductor failure, ...
@@ -189,7 +230,7 @@ def main() -> None:
             torch.cuda.synchronize()
             return
         results[name].append({"impl": impl, "us": us, "kv_TBps": kv_bytes / us / 1e6,
-                              "TFLOPs": flops / us / 1e6, "rel_l2": err})
+                              "TFLOPs": flops / us / 1e6, "rel_l2": err, "cfg": cfg})
 
     def kernel_call(qs, kv, limit, cfg):
         return lambda i: A.slot_attention(qs[i % 3], *kv[i % LAYERS], limit, config=cfg)
@@ -203,6 +244,11 @@ def main() -> None:
         refs[name] = A.slot_attention_reference(qs[0], *kv[0], limit)
         timed(name, f"kernel default ({cfg_name(None, plan)})", kernel_call(qs, kv, limit, None), flops,
               rel_l2(A.slot_attention(qs[0], *kv[0], limit), refs[name]), big)
+        if plan.splits > 1:  # the same plan with the separate merge kernel
+            cfg2 = resolve(TWO_KERNEL, rows, sms)
+            timed(name, f"kernel default 2-kernel ({cfg_name(cfg2, A.plan(KV, rows, N, sms, cfg2))})",
+                  kernel_call(qs, kv, limit, cfg2), flops,
+                  rel_l2(A.slot_attention(qs[0], *kv[0], limit, config=cfg2), refs[name]), big, cfg2)
         fmask = additive_mask(limit, g)
         timed(name, "sdpa + additive mask", lambda i: F.scaled_dot_product_attention(
             qs[i % 3], *kv[i % LAYERS], attn_mask=fmask), flops,
@@ -212,12 +258,14 @@ def main() -> None:
                   rel_l2(G._attn_math(qs[0], *kv[0], fmask), refs[name]), big)
         print(f"[{elapsed():5.0f} s] {name}: baselines timed", flush=True)
 
-    # Sweep: few-rows cases try blocks at the automatic split count, then split counts for the best
-    # blocks; prefill cases try blocks without split. Stops at the budget.
+    # Sweep: few-rows cases try blocks at the automatic split count (fused merge), then fused merge
+    # groups and split counts (fused and two-kernel) for the best blocks; prefill cases try blocks
+    # without split. Stops at the budget.
     def sweep_configs(rows: int) -> list[A.Config]:
         if rows <= 256:
             bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
-            return [A.Config(bm, bn, w, st, 0) for bm, bn, w, st in itertools.product(bms, (64, 128), (4, 8), (2, 3))
+            return [A.Config(bm, bn, w, st, 0, fused_merge=fm)
+                    for fm, bm, bn, w, st in itertools.product((True,), bms, (64, 128), (4, 8), (2, 3))
                     if not (w == 8 and bm < 64)]
         return [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
 
@@ -243,17 +291,19 @@ def main() -> None:
                 results[name].append({"impl": f"kernel {label}", "us": None, "error": f"{type(e).__name__}: {str(e)[:80]}"})
                 torch.cuda.synchronize()
                 return
-            timed(name, f"kernel {label}", kernel_call(qs, kv, limit, cfg), flops, err, big)
+            timed(name, f"kernel {label}", kernel_call(qs, kv, limit, cfg), flops, err, big, cfg)
 
         for cfg in sweep_configs(rows):
             run(cfg)
         if rows <= 256:
             ok = [r for r in results[name] if r["impl"].startswith("kernel bm") and r.get("us") and r["rel_l2"] < 1e-2]
             if ok:
-                best = min(ok, key=lambda r: r["us"])["impl"].split()
-                bm, bn, w, st = (int(best[i][len(p):]) for i, p in ((-5, "bm"), (-4, "bn"), (-3, "w"), (-2, "st")))
-                for splits in (2, 4, 8, 12, 16, 24, 32, 48, 64):
-                    run(A.Config(bm, bn, w, st, splits))
+                from dataclasses import replace
+                best = min(ok, key=lambda r: r["us"])["cfg"]
+                for mg in (1, 2, 4, 8):  # fused merge: splits loaded per merge step
+                    run(replace(best, fused_merge=True, merge_group=mg))
+                for splits, fm in itertools.product((4, 8, 12, 16, 24, 32, 48, 64), (True, False)):
+                    run(replace(best, splits=splits, fused_merge=fm, merge_group=0))
         print(f"[{elapsed():5.0f} s] {name}: sweep done", flush=True)
 
     # ---------------------------------------------------------------------------------- 3. table
@@ -266,7 +316,7 @@ def main() -> None:
     winners = {}
     for name, rows_ in results.items():
         print(f"\n{name}")
-        print(f"  {'impl':<46}{'us':>9}{'K/V TB/s':>10}{'TFLOP/s':>9}{'rel L2':>10}")
+        print(f"  {'impl':<64}{'us':>9}{'K/V TB/s':>10}{'TFLOP/s':>9}{'rel L2':>10}")
         timed_rows = [r for r in rows_ if r.get("us")]
         good = [r for r in timed_rows if r["impl"].startswith("kernel") and (r["rel_l2"] or 0) < 1e-2]
         best = min(good, key=lambda r: r["us"]) if good else None
@@ -274,20 +324,29 @@ def main() -> None:
         for r in sorted(rows_, key=lambda r: (not r["impl"].startswith(("sdpa", "graphs", "kernel default")),
                                               r.get("us") or 1e18)):
             if r.get("us") is None:
-                print(f"  {r['impl']:<46}{'failed':>9}   {r['error']}")
+                print(f"  {r['impl']:<64}{'failed':>9}   {r['error']}")
                 continue
             mark = "  <- best" if r is best else ""
-            print(f"  {r['impl']:<46}{r['us']:>9.1f}{r['kv_TBps']:>10.2f}{r['TFLOPs']:>9.1f}{r['rel_l2']:>10.1e}{mark}")
+            print(f"  {r['impl']:<64}{r['us']:>9.1f}{r['kv_TBps']:>10.2f}{r['TFLOPs']:>9.1f}{r['rel_l2']:>10.1e}{mark}")
         if best:
             winners[name] = (best, sdpa)
     print("\nwinners (fastest correct kernel config per case; speed-up over SDPA + mask):")
     for name, (best, sdpa) in winners.items():
-        dflt = next((r for r in results[name] if r["impl"].startswith("kernel default") and r.get("us")), None)
-        print(f"  {name:<16} {best['impl'][7:]:<40} {best['us']:8.1f} us"
-              f"  (default {dflt['us'] if dflt else float('nan'):.1f} us)"
-              f"  x{(sdpa['us'] / best['us']) if sdpa else float('nan'):.1f} vs sdpa")
+        dflt = next((r for r in results[name] if r["impl"].startswith("kernel default (") and r.get("us")), None)
+        two = next((r for r in results[name] if r["impl"].startswith("kernel default 2-kernel") and r.get("us")), None)
+        fused = [r for r in results[name] if r.get("us") and "fused" in r["impl"] and (r["rel_l2"] or 0) < 1e-2]
+        unfused = [r for r in results[name] if r.get("us") and "2-kernel" in r["impl"] and (r["rel_l2"] or 0) < 1e-2]
+        two_s = f", 2-kernel {two['us']:.1f} us" if two else ""
+        merge = (f"  best fused {min(r['us'] for r in fused):.1f} / 2-kernel {min(r['us'] for r in unfused):.1f} us"
+                 if fused and unfused else "")
+        print(f"  {name:<16} {best['impl'][7:]:<48} {best['us']:8.1f} us"
+              f"  (default {dflt['us'] if dflt else float('nan'):.1f} us"
+              f"{two_s})"
+              f"  x{(sdpa['us'] / best['us']) if sdpa else float('nan'):.1f} vs sdpa{merge}")
     print("  defaults now: FEW_ROWS =", A.FEW_ROWS, " MANY_ROWS =", A.MANY_ROWS,
-          f" PROGRAMS_PER_SM = {A.PROGRAMS_PER_SM}  MIN_SPLIT_KEYS = {A.MIN_SPLIT_KEYS}")
+          f" PROGRAMS_PER_SM = {A.PROGRAMS_PER_SM}  MIN_SPLIT_KEYS = {A.MIN_SPLIT_KEYS}"
+          f"  FUSED_MERGE = {A.FUSED_MERGE}  MERGE_FP32_PER_THREAD = {A.MERGE_FP32_PER_THREAD}")
+    print(f"  fused-merge counters: {A.CAPTURE_FALLBACKS} captured calls fell back to captured torch.zeros")
     if skipped:
         print(f"  ({skipped} sweep configs skipped at the {args.budget_s:.0f} s budget)")
     print(f"correctness: {'all ok' if not failures else f'{failures} FAILED'}; total {elapsed():.0f} s")

@@ -6,7 +6,8 @@ TRITON_INTERPRET=1 only takes effect if it is set before triton's jit decorators
 import of triton in the pytest process would already have done; hence a separate process. CASES.pt
 maps a name to (q, k, v, key_limit, Config fields or None); torch.save keeps views' strides (slices of a
 bigger cache, stride-0 expands). RESULTS.pt maps the name to (output, strides of k as the kernel saw
-them), and "__heads_last__" to {name: the heads_last=True output}.
+them), "__heads_last__" to {name: the heads_last=True output} and "__counters__" to the fused-merge
+counters after all calls (they must be back to 0).
 """
 
 import os
@@ -29,6 +30,9 @@ def main(cases_path: str, results_path: str) -> None:
         results[name] = (A.slot_attention(q, k, v, key_limit, config=cfg), k.stride())
         heads_last[name] = A.slot_attention(q, k, v, key_limit, config=cfg, heads_last=True)
     results["__heads_last__"] = heads_last
+    # the eager fused-merge counters after all these calls (every merging program resets its own)
+    arena = A._ARENAS.get("cpu")
+    results["__counters__"] = None if arena is None else arena.buf.clone()
     torch.save(results, results_path)
 
 

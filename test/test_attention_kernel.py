@@ -98,6 +98,32 @@ def _case_default_plan(n_q):
     return build
 
 
+def _variant(build, **fields):
+    """The same inputs with some Config fields changed (fused_merge, merge_group, splits)."""
+    def variant():
+        q, k, v, limit, cfg = build()
+        return q, k, v, limit, dict(cfg or SMALL, **fields)
+    return variant
+
+
+def _case_dead_splits():
+    # Limits far below the key count (early in an episode): of 6 splits of 32 keys only the first one
+    # or two hold visible keys; the fused merge skips the others. Limit 0 rows included.
+    k, v = _cache(1, 1, 2, 180, 16)
+    limit = torch.tensor([0, 5, 40, 33, 1, 0, 17, 40])
+    return _queries(1, 2, 4, 8, 17), k[0], v[0], limit, dict(SMALL, splits=6)
+
+
+def _case_repeat(seed, limit):
+    # Calls in a row on the same counters (same shape: 2 row tiles x B=2 x KV=2 counters), with
+    # different inputs: the merging program must leave its counter at 0 for the next call.
+    def build():
+        k, v = _cache(1, 1, 2, 100, seed)
+        return (_queries(2, 2, 4, 8, seed + 1), k[0].expand(2, -1, -1, -1), v[0].expand(2, -1, -1, -1),
+                limit, dict(SMALL, splits=4))
+    return build
+
+
 CASES = {
     "decode": _case_decode,
     "verify": _case_verify,
@@ -109,7 +135,22 @@ CASES = {
     "bf16": _case_bf16,
     "default_few_rows": _case_default_plan(2),
     "default_many_rows": _case_default_plan(64),
+    # the two-kernel path (_merge_splits) kept for comparison
+    "verify_two_kernel": _variant(_case_verify, fused_merge=False),
+    "action_two_kernel": _variant(_case_action, fused_merge=False),
+    "edge_split_two_kernel": _variant(_case_edge_limits(splits=3), fused_merge=False),
+    # fused merge: explicit merge groups (1 split per step; a group wider than the live splits)
+    "action_group1": _variant(_case_action, fused_merge=True, merge_group=1),
+    "verify_group4": _variant(_case_verify, fused_merge=True, merge_group=4),
+    "dead_splits": _case_dead_splits,
+    "dead_splits_two_kernel": _variant(_case_dead_splits, fused_merge=False),
+    "repeat_1": _case_repeat(20, torch.tensor([100, 99, 64, 1, 50, 33, 100, 80])),
+    "repeat_2": _case_repeat(22, torch.tensor([0, 7, 16, 17, 48, 49, 70, 3])),
+    "repeat_3": _case_repeat(24, torch.full((8,), 90)),
 }
+FUSED = ["decode", "verify", "action", "edge_split", "bf16", "default_few_rows", "action_group1", "verify_group4",
+         "dead_splits", "repeat_1", "repeat_2", "repeat_3", "prefill_split"]
+TWO_KERNEL = ["verify_two_kernel", "action_two_kernel", "edge_split_two_kernel", "dead_splits_two_kernel"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +167,13 @@ def kernel(tmp_path_factory):
     results = torch.load(d / "out.pt", weights_only=False)
     out = {name: (inputs[name], *results[name]) for name in CASES}
     out["__heads_last__"] = results["__heads_last__"]
+    out["__counters__"] = results["__counters__"]
     return out
+
+
+def _plan_of(kernel, name):
+    (q, k, _, _, cfg), *_ = kernel[name]
+    return A.plan(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], 4, None if cfg is None else A.Config(**cfg), D)
 
 
 def _check(kernel, name, **tol):
@@ -182,6 +229,68 @@ def test_bf16_inputs_give_bf16_output_close_to_the_fp32_softmax(kernel):
 @pytest.mark.parametrize("name", ["default_few_rows", "default_many_rows"])
 def test_default_plan(kernel, name):
     _check(kernel, name)
+
+
+# ---------------------------------------------------------------------- fused merge (split regime)
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_merge_equals_the_reference(kernel, name):
+    """One kernel: the last program of each row tile merges the splits (decode, verify with B = 2
+    and an expanded cache, action over several row tiles, limits 0 / past N, bf16, heads_last below)."""
+    assert _plan_of(kernel, name).fused_merge and _plan_of(kernel, name).splits > 1, name
+    _check(kernel, name, **(dict(rtol=1e-2, atol=1e-2) if name == "bf16" else {}))
+
+
+@pytest.mark.parametrize("name", TWO_KERNEL)
+def test_two_kernel_merge_is_still_available_and_agrees(kernel, name):
+    p = _plan_of(kernel, name)
+    assert not p.fused_merge and p.splits > 1
+    out = _check(kernel, name)
+    fused = name.replace("_two_kernel", "")
+    torch.testing.assert_close(out, kernel[fused][1], **TOL)
+
+
+def test_fused_merge_skips_splits_past_the_largest_limit(kernel):
+    out = _check(kernel, "dead_splits")
+    (q, *_, limit, _), *_ = kernel["dead_splits"]
+    assert (out[:, :, (limit == 0).repeat(q.shape[2] // limit.shape[0])] == 0).all()
+    p = _plan_of(kernel, "dead_splits")
+    assert p.splits == 6 and p.chunk == 32  # 2 of the 6 splits live
+
+
+def test_repeated_calls_on_the_same_counters_stay_correct_and_leave_them_zero(kernel):
+    """Every interpreted call of the module ran on the same eager counters (one process), the three
+    repeat_* calls back to back with different inputs and limits; afterwards every counter is 0."""
+    for name in ("repeat_1", "repeat_2", "repeat_3"):
+        _check(kernel, name)
+    counters = kernel["__counters__"]
+    assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= A.COUNTERS_EAGER
+    assert int(counters.count_nonzero()) == 0
+
+
+def test_default_few_rows_plan_fuses_the_merge():
+    sms, bh, n = 132, 8, 3136
+    assert A.FUSED_MERGE
+    for rows in (4, 32, 128):  # decode, verify, action
+        p = A.plan(bh, rows, n, sms)
+        assert p.fused_merge and p.splits > 1
+        assert p.merge_group & (p.merge_group - 1) == 0
+        assert p.merge_group * p.config.block_m * 128 <= A.MERGE_FP32_PER_THREAD * 32 * p.config.num_warps
+    assert A.plan(bh, 4, n, sms).merge_group == 2  # block_m 16, 4 warps
+    assert not A.plan(bh, 4, n, sms, A.Config(16, 64, 4, 2, splits=7, fused_merge=False)).fused_merge
+    assert not A.plan(bh, 3196, n, sms).fused_merge  # no split, nothing to merge
+    assert A.plan(bh, 4, n, sms, A.Config(16, 64, 4, 2, splits=7, merge_group=3)).merge_group == 4
+
+
+def test_split_counters_are_persistent_and_grow_outside_capture():
+    dev = torch.device("cpu")
+    a = A.split_counters(dev, 16)
+    assert a.dtype == torch.int32 and int(a.count_nonzero()) == 0
+    assert A.split_counters(dev, 16).data_ptr() == a.data_ptr()  # the same counters, call after call
+    big = A.split_counters(dev, A.COUNTERS_EAGER + 1)
+    assert big.numel() == A.COUNTERS_EAGER + 1 and int(big.count_nonzero()) == 0
+    assert A.split_counters(dev, 16).data_ptr() == big.data_ptr()  # the grown buffer from now on
+    assert any(t.data_ptr() == a.data_ptr() for t in A._RETIRED)  # the old one kept alive
 
 
 # ------------------------------------------------------------------------ specification (in process)

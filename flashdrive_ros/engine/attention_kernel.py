@@ -11,14 +11,18 @@ carries its g query heads as R = g * Q rows, row r being query r % Q.
 Why a kernel: with few query rows (decode R=4, verify 32, action 128) SDPA runs one thread block per
 (batch, kv head), 8 in all, and reads the 12.8 MB of K/V at ~0.17 TB/s. Here the key axis is split
 over S programs per row tile, each does an online softmax over its chunk and writes a partial
-(o, m, l) in fp32, and a second small kernel merges the S partials (flash-decoding). With many rows
+(o, m, l) in fp32, and the partials are merged (flash-decoding): by default in the same kernel, the
+last program of the row tile to finish (an atomic counter per tile, reset by that program) reading
+the others' partials (FUSED_MERGE; saves the launch and the dependent wave of a second kernel), or
+by a second small kernel (Config(fused_merge=False)). Splits past the tile's largest limit have
+nothing to add: in the fused merge they exit at once and are not merged. With many rows
 (prefill) the row tiles alone fill the GPU, so there is one program per row tile and no split.
 In both, a program stops at the largest limit of its rows, so key blocks nobody in the tile sees
 (past the valid length, the causal upper triangle) are never read.
 
 Graph-safe: no host synchronisation; grid, split count and block sizes come from static shapes and
 the (cached) SM count only. `slot_attention_reference` is the specification in plain PyTorch.
-Tuning: FEW_ROWS / MANY_ROWS / PROGRAMS_PER_SM / MIN_SPLIT_KEYS below (scripts/gpu_attention_check.py
+Tuning: FEW_ROWS / MANY_ROWS / PROGRAMS_PER_SM / MIN_SPLIT_KEYS / FUSED_MERGE / MERGE_FP32_PER_THREAD below (scripts/gpu_attention_check.py
 times the alternatives on the device).
 """
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass, replace
 import functools
 import math
 import os
+import threading
 
 import torch
 
@@ -45,12 +50,17 @@ except ImportError:  # CPU-only installs: the reference still works, available()
 class Config:
     """Launch configuration. block_m: query rows per program (>= 16, tl.dot's minimum; capped by the
     row count in the few-rows regime); block_n: keys per inner step; splits: key-axis splits
-    (0 = automatic, 1 = no split)."""
+    (0 = automatic, 1 = no split); fused_merge / merge_group: how the splits are merged."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     splits: int = 0
+    # Split regime only. fused_merge: the last program of a row tile merges the splits itself (one
+    # kernel, see _slot_attention_fwd); False: the separate _merge_splits kernel; None: FUSED_MERGE.
+    # merge_group: splits the fused merge loads per step (0: auto, MERGE_ELEMENTS per program).
+    fused_merge: bool | None = None
+    merge_group: int = 0
 
 
 # Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
@@ -65,6 +75,16 @@ PROGRAMS_PER_SM = 3
 # Each split reads at least this many keys: shorter chunks cost more in partial writes and merging
 # (a split writes block_m x D fp32 per row tile) than they gain in parallelism.
 MIN_SPLIT_KEYS = 128
+# Split regime: merge the partials inside the attention kernel (the last program of each row tile
+# to finish, found through an atomic counter) instead of a second kernel launch (~3-5 us each at the
+# verify / action shapes, mostly launch latency and a dependent wave of tiny programs).
+FUSED_MERGE = True
+# Fused merge: each step loads merge_group splits of the tile at once ([group, block_m, D] fp32): their
+# loads are in flight together instead of one L2 round trip per split. Auto: as many as fit in this
+# many fp32 per thread. 32: ptxas (sm_90, D=128) keeps block_m 16 / 4 warps at the two-kernel
+# path's 168 registers with group 2 (3 programs per SM, as before; group 4 needs 245 -> 2 per SM);
+# block_m 32 gets group 1 (shared memory already limits it to 2 programs per SM).
+MERGE_FP32_PER_THREAD = 32
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,8 @@ class Plan:
     splits: int     # programs along the key axis per row tile
     chunk: int      # keys per split (a multiple of block_n)
     row_tiles: int
+    fused_merge: bool = False  # splits > 1 merged in the attention kernel (no _merge_splits launch)
+    merge_group: int = 1       # fused merge: splits loaded per step (a power of two)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,7 +116,8 @@ def sm_count(t: torch.Tensor) -> int:
         if t.is_cuda else 4
 
 
-def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | None = None) -> Plan:
+def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | None = None,
+         head_dim: int = 128) -> Plan:
     """Pick regime, blocks and split count from static shapes only (so the same plan is captured)."""
     if config is None:
         many = _cdiv(rows, MANY_ROWS.block_m) * batch_heads >= sms
@@ -108,7 +131,11 @@ def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | No
         splits = min(wanted, _cdiv(n_keys, max(MIN_SPLIT_KEYS, config.block_n)))
     splits = max(1, min(splits, _cdiv(n_keys, config.block_n)))
     chunk = _cdiv(_cdiv(n_keys, splits), config.block_n) * config.block_n
-    return Plan(config, _cdiv(n_keys, chunk), chunk, tiles)
+    splits = _cdiv(n_keys, chunk)
+    fused = splits > 1 and (FUSED_MERGE if config.fused_merge is None else config.fused_merge)
+    group = config.merge_group or max(1, MERGE_FP32_PER_THREAD * 32 * config.num_warps // (config.block_m * head_dim))
+    group = min(_pow2_at_least(group), _pow2_at_least(splits)) if fused else 1
+    return Plan(config, splits, chunk, tiles, fused, group)
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -173,14 +200,16 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _slot_attention_fwd(Q, K, V, LIMIT, OUT, O_PART, M_PART, L_PART,
+    def _slot_attention_fwd(Q, K, V, LIMIT, OUT, O_PART, M_PART, L_PART, COUNTER,
                             sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_j, so_q,
                             s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                            SPLIT: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """Program (row tile, b * KV + h, split): attention of BLOCK_M folded rows over the keys
         [split * chunk, (split + 1) * chunk) that some row of the tile sees. SPLIT: write the
-        unnormalised partial (acc, m, l) for _merge_splits; otherwise the final output."""
+        unnormalised partial (acc, m, l) for _merge_splits, or with FUSED merge them here (the last
+        program of the tile to finish, see below); otherwise the final output."""
         # Later row tiles tend to see more keys (causal rows, the tail after the frames): start them
         # first so that the short tiles fill the last wave.
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -196,44 +225,104 @@ if triton is not None:
         # Folded row r is query r % Q. Limits are clamped to [0, N]; padding rows get 0.
         limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
         limit = tl.minimum(tl.maximum(limit.to(tl.int32), 0), n_keys)
-        # This program's keys: its chunk, cut at the largest limit of the tile. Below `full` (the
-        # smallest limit of the real rows, rounded down to a block) every row sees every key, so
-        # those blocks need no mask; chunk starts are block multiples, so [lo, mid) is whole blocks.
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, tl.max(limit, 0))
-        full = tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N
-        mid = tl.maximum(lo, tl.minimum(hi, full))
-
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_r + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
-            q = q.to(tl.float32)
-        k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
-        v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
-
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(lo, mid, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
-                                          start, offs_n, limit, n_keys, qk_scale,
-                                          False, PRECISION)
-        for start in range(mid, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
-                                          start, offs_n, limit, n_keys, qk_scale,
-                                          True, PRECISION)
-
-        if SPLIT:  # partials laid out [B*KV, R, S, (D)] so the merge reads one row's splits at once
-            part = (pid_bh * n_rows + rows) * n_splits + pid_s
-            tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-            tl.store(M_PART + part, m_i, mask=row_ok)
-            tl.store(L_PART + part, l_i, mask=row_ok)
+        tile_max = tl.max(limit, 0)
+        # FUSED: splits starting at or past the largest limit of the tile ("dead") have nothing to
+        # add; every program of the tile computes the same n_live from the same limits, so dead
+        # programs just exit (no partial, no count) and the merge reads the live splits only.
+        # Split 0 is always live, so a tile whose rows see no key still gets its (zero) output.
+        if FUSED:
+            n_live = tl.maximum((tile_max + chunk - 1) // chunk, 1)
         else:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+            n_live = n_splits
+        if pid_s < n_live:
+            # This program's keys: its chunk, cut at the largest limit of the tile. Below `full`
+            # (the smallest limit of the real rows, rounded down to a block) every row sees every
+            # key, so those blocks need no mask; chunk starts are block multiples, so [lo, mid) is
+            # whole blocks.
+            lo = pid_s * chunk
+            hi = tl.minimum(lo + chunk, tile_max)
+            full = tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N
+            mid = tl.maximum(lo, tl.minimum(hi, full))
+
+            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_r + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                q = q.to(tl.float32)
+            k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
+            v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
+
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(lo, mid, BLOCK_N):
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
+                                              start, offs_n, limit, n_keys, qk_scale,
+                                              False, PRECISION)
+            for start in range(mid, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
+                                              start, offs_n, limit, n_keys, qk_scale,
+                                              True, PRECISION)
+
             # folded row r = j * Q + q: output address from (j, q), so heads-last layouts need no copy
-            o_rows = (rows // n_queries) * so_j + (rows % n_queries) * so_q
-            tl.store(OUT + b * so_b + h * so_h + o_rows[:, None] + offs_d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            o_ptrs = OUT + b * so_b + h * so_h + ((rows // n_queries) * so_j + (rows % n_queries) * so_q)[:, None] \
+                + offs_d[None, :]
+            if SPLIT:  # partials laid out [B*KV, R, S, (D)] so _merge_splits reads one row's splits at once
+                part = (pid_bh * n_rows + rows) * n_splits + pid_s
+                tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+                tl.store(M_PART + part, m_i, mask=row_ok)
+                tl.store(L_PART + part, l_i, mask=row_ok)
+                if FUSED:
+                    # Last one merges. Memory ordering (PTX memory model):
+                    # 1. debug_barrier (bar.sync) after the stores above: every thread of this
+                    #    program has performed its partial stores before the barrier, and the
+                    #    barrier orders them before anything the program does after it.
+                    # 2. The counter increment is an atomic with acq_rel semantics at gpu scope,
+                    #    issued after the barrier (for a scalar pointer Triton lets one thread do it).
+                    #    Its release half is cumulative: the whole program's partial stores, ordered
+                    #    before it by the barrier, become visible GPU-wide no later than the new
+                    #    count (the fence + atomic of CUDA's threadfence reduction / grid sync).
+                    # 3. All increments of one counter form a single modification order; the program
+                    #    that reads n_live - 1 comes after every other live program's release, and
+                    #    its acquire half synchronises with all of them (release sequence of the
+                    #    RMW chain): their partials happen-before whatever follows the atomic.
+                    # 4. The atomic's result reaches the other threads of the program through shared
+                    #    memory and a barrier (Triton's scalar-atomic broadcast; the explicit
+                    #    debug_barrier below makes that independent of the lowering), which extends
+                    #    the happens-before to every thread of the merging program; its loads use
+                    #    .cg (L2, never a stale L1 line) for good measure.
+                    # Reset: the merging program is the last increment of its counter in this launch
+                    # (all n_live live programs have counted), so storing 0 cannot race with another
+                    # increment; the next launch (or graph replay) sees it by kernel-boundary order.
+                    tl.debug_barrier()
+                    count = COUNTER + pid_bh * tl.num_programs(0) + pid_m
+                    done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+                    tl.debug_barrier()
+                    if done == n_live - 1:
+                        # Online merge of the live splits, starting from this program's own partial
+                        # (in registers: its split is masked out of the loads), GROUP splits per step.
+                        offs_g = tl.arange(0, GROUP)
+                        base = (pid_bh * n_rows + rows) * n_splits  # [BLOCK_M]
+                        for s0 in range(0, n_live, GROUP):
+                            sp = s0 + offs_g  # [GROUP]
+                            ok = ((sp < n_live) & (sp != pid_s))[:, None] & row_ok[None, :]  # [GROUP, BLOCK_M]
+                            idx = base[None, :] + sp[:, None]
+                            m_s = tl.load(M_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                            l_s = tl.load(L_PART + idx, mask=ok, other=0.0, cache_modifier=".cg")
+                            a_s = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                                          mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+                            m_new = tl.maximum(m_i, tl.max(m_s, 0))
+                            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: weights 0
+                            alpha = tl.exp2(m_i - m_ref)
+                            w = tl.exp2(m_s - m_ref[None, :])  # [GROUP, BLOCK_M]
+                            l_i = l_i * alpha + tl.sum(w * l_s, 0)
+                            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a_s, 0)
+                            m_i = m_new
+                        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+                        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                        tl.store(count, 0)
+            else:
+                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+                tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
@@ -303,7 +392,7 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         so_b, so_h, so_j, so_q = out.stride(0), out.stride(1), n_q * out.stride(2), out.stride(2)
     if rows == 0 or b * n_kv == 0 or n_keys == 0:
         return out.zero_()
-    p = plan(b * n_kv, rows, n_keys, sm_count(q), config)
+    p = plan(b * n_kv, rows, n_keys, sm_count(q), config, d)
     c = p.config
     split = p.splits > 1
     if split:
@@ -312,21 +401,72 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         l_part = torch.empty_like(m_part)
     else:  # unused pointers
         o_part = m_part = l_part = out
+    counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
     upcast = _interpreting() and q.dtype != torch.float32
     _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
-        q, k, v, key_limit, out, o_part, m_part, l_part,
+        q, k, v, key_limit, out, o_part, m_part, l_part, counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), so_b, so_h, so_j, so_q,
         key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
         scale * math.log2(math.e),
-        HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, UPCAST=upcast,
+        HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
+        GROUP=p.merge_group, UPCAST=upcast,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
         num_warps=c.num_warps, num_stages=c.num_stages)
-    if split:
+    if split and not p.fused_merge:
         _merge_splits[(rows, b * n_kv)](
             o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
             n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
     return out
+
+
+# ------------------------------------------------------------------------- fused-merge counters
+# One int32 counter per (row tile, b * KV + h) of a fused-merge call, zero between calls: the kernel's
+# merging program resets its counter. They live in one zeroed buffer per device, allocated outside
+# CUDA-graph capture and never freed (a captured graph keeps pointing into it):
+#   eager calls share its first `eager` counters (calls on one stream run one after another);
+#   each call captured in a graph gets counters of its own from the rest (bump allocation), so
+#   graphs replayed on different streams never share a counter. When that space is used up, a
+#   captured call gets torch.zeros of its own (allocated in the graph's pool and zeroed by a captured
+#   memset at each replay: still correct, one more node).
+COUNTERS_EAGER = 4096
+COUNTERS_CAPTURED = 1 << 16
+
+
+class _CounterArena:
+    def __init__(self, device: torch.device, eager: int):
+        self.buf = torch.zeros(eager + COUNTERS_CAPTURED, dtype=torch.int32, device=device)
+        self.eager = eager
+        self.next = eager  # first counter not yet handed to a captured call
+
+
+_ARENAS: dict[str, _CounterArena] = {}
+_RETIRED: list[torch.Tensor] = []  # grown-out buffers: graphs captured earlier still use them
+_ARENA_LOCK = threading.Lock()
+CAPTURE_FALLBACKS = 0  # captured calls that found no room (see above)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counters for one fused-merge launch on `device` (see above)."""
+    key = str(device)
+    with _ARENA_LOCK:
+        arena = _ARENAS.get(key)
+        if _capturing(device):
+            if arena is not None and arena.next + n <= arena.buf.numel():
+                arena.next += n
+                return arena.buf[arena.next - n: arena.next]
+            global CAPTURE_FALLBACKS
+            CAPTURE_FALLBACKS += 1
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        if arena is None or n > arena.eager:
+            if arena is not None:
+                _RETIRED.append(arena.buf)
+            arena = _ARENAS[key] = _CounterArena(device, max(COUNTERS_EAGER, 2 * n))
+        return arena.buf[:n]
 
 
 def _to_heads_last(out: torch.Tensor, n_q: int) -> torch.Tensor:
