@@ -70,6 +70,11 @@ class Config:
 FEW_ROWS = Config(block_m=32, block_n=64, num_warps=4, num_stages=3, splits=0)
 # Many rows (prefill): row tiles fill the GPU; bigger tiles reuse each K/V block for more rows.
 MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
+# Many rows but under two waves of 128-row tiles (the 799-token streaming prefill: 200 tiles on 132 SMs):
+# smaller tiles balance better. H100 sweep (scripts/gpu_attention_check.py): streaming prefill R=3196
+# 99.4 us at 64/64/4 warps/3 stages against 114.9 us at MANY_ROWS; the full prefill (R=12140) stays best
+# at MANY_ROWS (240.5 us).
+MANY_ROWS_SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1)
 # Split regime target: about this many programs per SM (several waves hide the tail of the last one).
 PROGRAMS_PER_SM = 3
 # Each split reads at least this many keys: shorter chunks cost more in partial writes and merging
@@ -78,7 +83,10 @@ MIN_SPLIT_KEYS = 128
 # Split regime: merge the partials inside the attention kernel (the last program of each row tile
 # to finish, found through an atomic counter) instead of a second kernel launch (~3-5 us each at the
 # verify / action shapes, mostly launch latency and a dependent wave of tiny programs).
-FUSED_MERGE = True
+# Off: on an H100 the fused merge measured slower than the two-kernel path at every few-rows shape
+# (best fused / best two-kernel: decode 17.2 / 11.8 us, verify 18.9 / 13.8, action 23.4 / 20.4;
+# docs/bench/attention_check_h100_run2.json). Kept for configs and tests.
+FUSED_MERGE = False
 # Fused merge: each step loads merge_group splits of the tile at once ([group, block_m, D] fp32): their
 # loads are in flight together instead of one L2 round trip per split. Auto: as many as fit in this
 # many fp32 per thread. 32: ptxas (sm_90, D=128) keeps block_m 16 / 4 warps at the two-kernel
@@ -120,8 +128,9 @@ def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | No
          head_dim: int = 128) -> Plan:
     """Pick regime, blocks and split count from static shapes only (so the same plan is captured)."""
     if config is None:
-        many = _cdiv(rows, MANY_ROWS.block_m) * batch_heads >= sms
-        config = MANY_ROWS if many else FEW_ROWS
+        tiles128 = _cdiv(rows, MANY_ROWS.block_m) * batch_heads
+        many = tiles128 >= sms
+        config = (MANY_ROWS if tiles128 >= 2 * sms else MANY_ROWS_SHORT) if many else FEW_ROWS
         if not many:  # a tile no taller than the rows (tl.dot needs 16)
             config = replace(config, block_m=16 if rows <= 32 else config.block_m)
     tiles = _cdiv(rows, config.block_m)

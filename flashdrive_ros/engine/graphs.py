@@ -73,7 +73,7 @@ class PaddedHead(nn.Linear):
     (scripts/gpu_profile.py). `weight` is a row slice of the padded buffer, so keys and memory stay."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.padded_weight, None)[..., :self.out_features]
+        return linear(x, self.padded_weight, None)[..., :self.out_features]
 
 
 HEAD_MULTIPLE = 64
