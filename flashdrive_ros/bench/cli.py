@@ -196,7 +196,8 @@ def to_markdown(res: dict) -> str:
         lines.append("Attention kernel chosen per shape by timing: " +
                      "; ".join(f"{k}: {v}" for k, v in res["attention_choices"].items()) + ".")
     if res.get("linear_choices"):
-        lines.append("Few-row GEMMs, cuBLAS or the Triton skinny GEMM chosen per shape by timing: " +
+        lines.append("Few-row GEMM shapes on the Triton skinny GEMM (shipped tuning records for this GPU, "
+                     "engine/tuned/; all others cuBLAS): " +
                      "; ".join(f"{k}: {v}" for k, v in res["linear_choices"].items()) + ".")
     if "peak_memory_gib" in res:
         lines.append(f"Peak GPU memory {res['peak_memory_gib']} GiB; wall time {res['wall_s']} s.")
