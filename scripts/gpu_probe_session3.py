@@ -1,6 +1,6 @@
 """Device probe (issue 7, session 3): which of three ideas pays on the H100, before any engine change.
 
-    python scripts/gpu_probe_session3.py [--out probe.json] [--only vision|prefetch]
+    python scripts/gpu_probe_session3.py [--out probe.json] [--only vision prefetch vision_kernel few_rows]
 
 1. Vision tower (4 images x 720 patches, width 1152, 16 heads of 72, MLP 4304, tanh GELU):
    a. attention [4, 16, 720, 72] through each SDPA backend, on the strided views vision_forward passes
@@ -14,6 +14,9 @@
    its replay time is compared with and without a prefetch of the first P MB after qkv (o, then gate_up),
    issued just before attention by (bulk) cp.async.bulk.prefetch.L2, (line) prefetch.global.L2 per
    128-byte line, or (load) plain loads on a side stream.
+3. slot_attention at the vision shape (head dim 72 padded to 128 lanes) against cuDNN, with a config sweep.
+4. Few-rows slot_attention (decode R=4, verify R=32, action R=128) with the two-kernel merge: the
+   default plan and a sweep of blocks / warps / stages / split counts.
 """
 import argparse
 import json
@@ -273,16 +276,109 @@ def probe_prefetch() -> dict:
     return out
 
 
+# ------------------------------------------------------------------- 3. vision attention kernel
+
+def probe_vision_kernel() -> dict:
+    """slot_attention at the vision shape (padded head lanes) against cuDNN, per layer."""
+    import itertools
+    out: dict = {}
+    n_img, L, H, D = 4, 720, 16, 72
+    qkv = torch.randn(27, n_img * L, 3, H, D, device=DEV, dtype=BF16)  # 27 layers: rotate, as the tower
+
+    def views(i):
+        return [t.reshape(n_img, L, H, D).transpose(1, 2) for t in qkv[i].unbind(1)]
+
+    lim = torch.full((L,), L, device=DEV, dtype=torch.int32)
+    ref = F.scaled_dot_product_attention(*views(0), scale=D ** -0.5)  # [n_img, H, L, D]
+    out["cudnn us"] = 1000 * graph_ms(lambda: [F.scaled_dot_product_attention(*views(i), scale=D ** -0.5)
+                                                for i in range(27)]) / 27
+    cfgs = [None] + [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in
+                     itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if not (bm == 128 and w == 4 and bn == 128)]
+    for cfg in cfgs:
+        name = "default" if cfg is None else f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages}"
+        try:
+            o = A.slot_attention(*views(0), lim, scale=D ** -0.5, config=cfg, heads_last=True)
+            err = float((o.float() - ref.transpose(1, 2).float()).abs().max())
+            us = 1000 * graph_ms(lambda: [A.slot_attention(*views(i), lim, scale=D ** -0.5, config=cfg, heads_last=True)
+                                          for i in range(27)]) / 27
+            out[name] = {"us": us, "max_abs_err": err}
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print("vision kernel", name, out[name], flush=True)
+    return out
+
+
+# ------------------------------------------------------------- 4. few-rows attention (two-kernel merge)
+
+def probe_few_rows(budget_s: float = 150.0) -> dict:
+    """Two-kernel slot_attention configs at decode / verify / action rows, K/V rotated over 8 layers
+    of a 3 136-slot cache (from HBM), 3 057 valid keys. Per case: the default plan and a sweep."""
+    import itertools
+    import time
+    t0 = time.perf_counter()
+    KV, N, VALID, LAYERS = 8, 3136, 3057, 8
+    kc = torch.randn(LAYERS, 1, KV, N + 16, 128, device=DEV, dtype=BF16)
+    vc = torch.randn(LAYERS, 1, KV, N + 16, 128, device=DEV, dtype=BF16)
+    cases = {"decode R=4": (4, torch.tensor([VALID])),
+             "verify R=32": (4, torch.clamp(torch.arange(VALID - 8, VALID) + 1, max=VALID)),
+             "action R=128": (2, torch.full((64,), VALID))}
+    out: dict = {}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, (g, limit) in cases.items():
+        limit = limit.to(DEV)
+        rows = g * limit.numel()
+        qs = [torch.randn(1, KV, rows, 128, device=DEV, dtype=BF16) for _ in range(3)]
+        ref = A.slot_attention_reference(qs[0], kc[0, :, :, :N], vc[0, :, :, :N], limit)
+        res = {}
+
+        def timed(cfg, label):
+            try:
+                o = A.slot_attention(qs[0], kc[0, :, :, :N], vc[0, :, :, :N], limit, config=cfg)
+                err = float((o.float() - ref.float()).norm() / ref.float().norm())
+                n_calls = 24
+
+                def calls():
+                    for i in range(n_calls):
+                        A.slot_attention(qs[i % 3], kc[i % LAYERS, :, :, :N], vc[i % LAYERS, :, :, :N], limit, config=cfg)
+                res[label] = {"us": 1000 * graph_ms(calls, replays=10) / n_calls, "rel_l2": err}
+            except Exception as e:
+                res[label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+
+        p = A.plan(KV, rows, N, sms)
+        timed(None, f"default bm{p.config.block_m} bn{p.config.block_n} w{p.config.num_warps} st{p.config.num_stages} sp{p.splits}")
+        bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
+        for bm, bn, w, st, sp in itertools.product(bms, (64, 128), (4, 8), (2, 3, 4), (4, 6, 8, 9, 10, 12, 13, 16, 20, 25)):
+            if time.perf_counter() - t0 > budget_s:
+                break
+            if w == 8 and bm < 64:
+                continue
+            cfg = A.Config(bm, bn, w, st, sp, fused_merge=False)
+            pl = A.plan(KV, rows, N, sms, cfg)
+            label = f"bm{bm} bn{bn} w{w} st{st} sp{pl.splits}"
+            if label not in res:
+                timed(cfg, label)
+        good = sorted(((v["us"], k) for k, v in res.items() if "us" in v and v["rel_l2"] < 1e-2))
+        print(name, "default:", [(k, v) for k, v in res.items() if k.startswith("default")], flush=True)
+        print(name, "best 8:", [f"{u:.1f} {k}" for u, k in good[:8]], flush=True)
+        out[name] = res
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=("vision", "prefetch"), default=None)
+    ap.add_argument("--only", nargs="*", choices=("vision", "prefetch", "vision_kernel", "few_rows"), default=None)
     args = ap.parse_args()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    if args.only in (None, "vision"):
+    only = args.only or ("vision", "prefetch", "vision_kernel", "few_rows")
+    if "vision" in only:
         res["vision"] = probe_vision()
-    if args.only in (None, "prefetch"):
+    if "prefetch" in only:
         res["prefetch"] = probe_prefetch()
+    if "vision_kernel" in only:
+        res["vision_kernel"] = probe_vision_kernel()
+    if "few_rows" in only:
+        res["few_rows"] = probe_few_rows()
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

@@ -8,6 +8,7 @@ cache_kernels.qk_norm_rope_store + attention_kernel.slot_attention + cache_kerne
 """
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from flashdrive_ros.engine.kv_cache import StaticKVCache  # noqa: E402
 from flashdrive_ros.engine.rope import extend_positions, rope_index  # noqa: E402
 from flashdrive_ros.engine.streaming import causal_mask  # noqa: E402
 from flashdrive_ros.engine.text_model import TextModel  # noqa: E402
+from flashdrive_ros.engine.vision import build_vision_tower, encode_images  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -118,6 +120,16 @@ def run() -> dict[str, float]:
     graphs.cache_shift(c_fast, src, dst)
     err["shift"] = max(_rel(getattr(c_fast, t)[:, :, :, :62], getattr(c_ref, t)[:, :, :, :62])
                        for t in ("k", "v", "k_rot"))
+    # vision tower with head dim 24 (no power of two, like the real 72): per-image attention through
+    # slot_attention's padded lanes, against transformers' tower
+    vcfg = dataclasses.replace(cfg.vision, hidden_size=48, num_heads=2, intermediate_size=96)
+    tower = build_vision_tower(vcfg).eval()
+    _randomize(tower, 4)
+    grid = torch.tensor([[1, 4, 6]] * 2)
+    pix = torch.randn(2 * 4 * 6, 3 * 2 * 16 * 16)
+    ref = encode_images(tower, pix, grid)
+    emb, deep = graphs.vision_forward(tower, pix, graphs.vision_static(tower, grid))
+    err["vision"] = max([_rel(emb, ref.embeds)] + [_rel(a, b) for a, b in zip(deep, ref.deepstack)])
     err["kernels"] = float(graphs.kernels_usable(x))
     return err
 

@@ -125,7 +125,32 @@ def _case_repeat(seed, limit):  # fused merge: the counters are what repeated ca
     return build
 
 
+def _case_vision(splits, fused=False):
+    # The vision tower: 3 images of 20 patches, 2 heads of 24 (no power of two: padded lanes in the
+    # kernel), q/k/v strided views of one [tokens, 3, heads, 24] qkv buffer, every patch sees its image.
+    def build():
+        n_img, L, H, d = 3, 20, 2, 24
+        qkv = torch.randn(n_img * L, 3, H, d, generator=torch.Generator().manual_seed(30))
+        q, k, v = (t.reshape(n_img, L, H, d).transpose(1, 2) for t in qkv.unbind(1))
+        return q, k, v, torch.full((L,), L), dict(SMALL, splits=splits, fused_merge=fused)
+    return build
+
+
+def _case_padded_verify(fused):
+    # Verify-like causal rows at head dim 40 (padded to 64 lanes), split over the keys.
+    def build():
+        g = torch.Generator().manual_seed(31)
+        k, v = torch.randn(1, 2, 120, 40, generator=g), torch.randn(1, 2, 120, 40, generator=g)
+        limit = torch.clamp(torch.arange(90, 98) + 1, max=96)
+        return torch.randn(1, 2, 32, 40, generator=g), k, v, limit, dict(SMALL, splits=3, fused_merge=fused)
+    return build
+
+
 CASES = {
+    "vision_no_split": _case_vision(splits=1),
+    "vision_split": _case_vision(splits=2),
+    "padded_verify_two_kernel": _case_padded_verify(fused=False),
+    "padded_verify_fused": _case_padded_verify(fused=True),
     "decode": _variant(_case_decode, fused_merge=True),
     "verify": _variant(_case_verify, fused_merge=True),
     "action": _variant(_case_action, fused_merge=True),
@@ -230,6 +255,28 @@ def test_bf16_inputs_give_bf16_output_close_to_the_fp32_softmax(kernel):
 @pytest.mark.parametrize("name", ["default_few_rows", "default_many_rows"])
 def test_default_plan(kernel, name):
     _check(kernel, name)
+
+
+@pytest.mark.parametrize("name", ["vision_no_split", "vision_split", "padded_verify_two_kernel",
+                                  "padded_verify_fused"])
+def test_head_dims_that_are_no_power_of_two_run_padded_and_equal_the_reference(kernel, name):
+    (q, *_), out, _ = kernel[name]
+    assert q.shape[-1] in (24, 40)
+    _check(kernel, name)
+
+
+def test_vision_heads_last_output_is_the_projection_layout(kernel):
+    (q, k, v, limit, _), *_ = kernel["vision_no_split"]
+    ref = A.slot_attention_reference(q, k, v, limit)  # [n_img, H, L, d]
+    torch.testing.assert_close(kernel["__heads_last__"]["vision_no_split"], ref.transpose(1, 2), **TOL)
+
+
+@pytest.mark.parametrize("d", [8, 20, 264])
+def test_head_dims_must_be_multiples_of_8_from_16_to_256(d):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        A.check_head_dim(d)
+    for ok in (16, 72, 128, 256):
+        A.check_head_dim(ok)
 
 
 # ---------------------------------------------------------------------- fused merge (split regime)

@@ -180,16 +180,22 @@ if triton is not None:
         _patch_interpreter_for_numpy_2_4()
 
     @triton.jit
-    def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, limit, n_keys, qk_scale,
-                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, limit, n_keys, qk_scale, d_ok,
+                      MASKED: tl.constexpr, PRECISION: tl.constexpr, PAD_D: tl.constexpr):
         """One online-softmax step over keys [start, start + BLOCK_N). Scores are in log2 units
         (qk_scale includes log2 e) so exp2 can be used. MASKED: some row of the tile may not see
-        some key of this block (or the block runs past the end): mask loads and scores."""
+        some key of this block (or the block runs past the end): mask loads and scores. PAD_D: the
+        head dim is padded to a power of two in registers; the padding lanes load 0 (no effect on dots)."""
         keys = start + offs_n
         if MASKED:
             inside = (keys < n_keys)[:, None]
+            if PAD_D:
+                inside = inside & d_ok[None, :]
             k = tl.load(k_ptrs, mask=inside, other=0.0)
             v = tl.load(v_ptrs, mask=inside, other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -212,8 +218,8 @@ if triton is not None:
     def _slot_attention_fwd(Q, K, V, LIMIT, OUT, O_PART, M_PART, L_PART, COUNTER,
                             sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_j, so_q,
                             s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
-                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
                             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """Program (row tile, b * KV + h, split): attention of BLOCK_M folded rows over the keys
         [split * chunk, (split + 1) * chunk) that some row of the tile sees. SPLIT: write the
@@ -229,7 +235,9 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        # Head dims that are no power of two (the vision tower's 72) run padded to BLOCK_D lanes (PAD_D).
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
 
         # Folded row r is query r % Q. Limits are clamped to [0, N]; padding rows get 0.
         limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
@@ -254,30 +262,30 @@ if triton is not None:
             mid = tl.maximum(lo, tl.minimum(hi, full))
 
             q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_r + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
                 q = q.to(tl.float32)
             k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
             v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
 
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start in range(lo, mid, BLOCK_N):
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
-                                              start, offs_n, limit, n_keys, qk_scale,
-                                              False, PRECISION)
+                                              start, offs_n, limit, n_keys, qk_scale, d_ok,
+                                              False, PRECISION, PAD_D)
             for start in range(mid, hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * sk_n, v_ptrs + start * sv_n,
-                                              start, offs_n, limit, n_keys, qk_scale,
-                                              True, PRECISION)
+                                              start, offs_n, limit, n_keys, qk_scale, d_ok,
+                                              True, PRECISION, PAD_D)
 
             # folded row r = j * Q + q: output address from (j, q), so heads-last layouts need no copy
             o_ptrs = OUT + b * so_b + h * so_h + ((rows // n_queries) * so_j + (rows % n_queries) * so_q)[:, None] \
                 + offs_d[None, :]
             if SPLIT:  # partials laid out [B*KV, R, S, (D)] so _merge_splits reads one row's splits at once
                 part = (pid_bh * n_rows + rows) * n_splits + pid_s
-                tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+                tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
                 tl.store(M_PART + part, m_i, mask=row_ok)
                 tl.store(L_PART + part, l_i, mask=row_ok)
                 if FUSED:
@@ -317,7 +325,7 @@ if triton is not None:
                             idx = base[None, :] + sp[:, None]
                             m_s = tl.load(M_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
                             l_s = tl.load(L_PART + idx, mask=ok, other=0.0, cache_modifier=".cg")
-                            a_s = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                            a_s = tl.load(O_PART + idx[:, :, None] * BLOCK_D + offs_d[None, None, :],
                                           mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
                             m_new = tl.maximum(m_i, tl.max(m_s, 0))
                             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: weights 0
@@ -327,25 +335,25 @@ if triton is not None:
                             acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a_s, 0)
                             m_i = m_new
                         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
-                        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
                         tl.store(count, 0)
             else:
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
-                tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
-                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
         """Program (row, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
         r = tl.program_id(0)
         bh = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         s_ok = offs_s < n_splits
         part = (bh * n_rows + r) * n_splits + offs_s
         m = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
         l = tl.load(L_PART + part, mask=s_ok, other=0.0)
-        acc = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        acc = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
         m_all = tl.max(m, 0)
         w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # splits that saw nothing: 0
         denom = tl.sum(w * l, 0)
@@ -353,7 +361,7 @@ if triton is not None:
         b = bh // n_kv
         h = bh % n_kv
         o_row = (r // n_queries) * so_j + (r % n_queries) * so_q
-        tl.store(OUT + b * so_b + h * so_h + o_row + offs_d, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + b * so_b + h * so_h + o_row + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -362,6 +370,13 @@ def available(t: torch.Tensor) -> bool:
     """True when the Triton kernel can run on tensor t: a CUDA tensor with triton importable, or
     any tensor while Triton's interpreter (TRITON_INTERPRET=1, set before import) is on."""
     return triton is not None and (t.is_cuda or _interpreting())
+
+
+def check_head_dim(d: int) -> None:
+    """Head dims the kernel runs: multiples of 8 (16-byte rows) from 16 to 256; others than powers of
+    two are padded to the next power of two in registers (the vision tower's 72 -> 128 lanes)."""
+    if d < 16 or d > 256 or d % 8:
+        raise ValueError(f"head dim must be a multiple of 8 in [16, 256], got {d}")
 
 
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
@@ -381,8 +396,7 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
     n_keys = k.shape[2]
     if k.shape != (b, n_kv, n_keys, d) or v.shape != k.shape:
         raise ValueError(f"k/v must be [B, KV, N, D] = [{b}, {n_kv}, N, {d}], got {tuple(k.shape)} / {tuple(v.shape)}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    check_head_dim(d)
     if key_limit.dim() != 1 or rows % key_limit.shape[0]:
         raise ValueError(f"key_limit must be [Q] with R = g * Q, got {tuple(key_limit.shape)} for R = {rows}")
     if key_limit.device != q.device or key_limit.dtype.is_floating_point:
@@ -401,11 +415,12 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         so_b, so_h, so_j, so_q = out.stride(0), out.stride(1), n_q * out.stride(2), out.stride(2)
     if rows == 0 or b * n_kv == 0 or n_keys == 0:
         return out.zero_()
-    p = plan(b * n_kv, rows, n_keys, sm_count(q), config, d)
+    block_d = _pow2_at_least(d)  # padded lanes in registers for dims like 72
+    p = plan(b * n_kv, rows, n_keys, sm_count(q), config, block_d)
     c = p.config
     split = p.splits > 1
     if split:
-        o_part = torch.empty((b * n_kv, rows, p.splits, d), dtype=torch.float32, device=q.device)
+        o_part = torch.empty((b * n_kv, rows, p.splits, block_d), dtype=torch.float32, device=q.device)
         m_part = torch.empty((b * n_kv, rows, p.splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
     else:  # unused pointers
@@ -418,14 +433,14 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         v.stride(0), v.stride(1), v.stride(2), so_b, so_h, so_j, so_q,
         key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
         scale * math.log2(math.e),
-        HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
+        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
         GROUP=p.merge_group, UPCAST=upcast,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
         num_warps=c.num_warps, num_stages=c.num_stages)
     if split and not p.fused_merge:
         _merge_splits[(rows, b * n_kv)](
             o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
-            n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
+            n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
     return out
 
 

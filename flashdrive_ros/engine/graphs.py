@@ -666,6 +666,7 @@ class VisionStatic:
     sin: torch.Tensor
     n_images: int
     patches_per_image: int
+    key_limit: torch.Tensor  # [patches_per_image], all = patches_per_image: a patch sees its whole image
 
 
 @torch.no_grad()
@@ -682,7 +683,38 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
     dummy = torch.empty(1, dtype=tower.patch_embed.proj.weight.dtype, device=grid_thw.device)
     cos, sin = tower.rotary_pos_emb(dummy, pos_ids)
     t, h, w_ = g[0]
-    return VisionStatic(idx, w, cos, sin, len(g), t * h * w_)
+    n = t * h * w_
+    return VisionStatic(idx, w, cos, sin, len(g), n, torch.full((n,), n, dtype=torch.int32, device=grid_thw.device))
+
+
+# The vision tower's attention (head dim 72) and fc1 + GELU run through faster paths on CUDA:
+# slot_attention with padded head lanes (cuDNN's flash kernel took 40 us per layer for 4 x 720 patches
+# on an H100, scripts/gpu_probe_session3.py), and cuBLASLt's GELU epilogue (one kernel instead of two;
+# the tanh approximation, which is what gelu_pytorch_tanh computes).
+VISION_FAST = {"attention_kernel": True, "gelu_epilogue": True}
+
+
+def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
+    """Per-image attention of q/k/v [N, heads, d] -> [N, heads * d] in the projection's layout."""
+    ak = _kernel_module("attention_kernel", q) if VISION_FAST["attention_kernel"] else None
+
+    def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
+        return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
+
+    if ak is not None:  # heads-last output [n_img, L, heads, d] is already the projection's layout
+        o = ak.slot_attention(per_image(q), per_image(k), per_image(v), st.key_limit, scale=a.scaling,
+                              heads_last=True)
+        return o.reshape(n_tok, -1)
+    o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
+    return o.transpose(1, 2).reshape(n_tok, -1)
+
+
+def _vision_mlp(tower, mlp, h: torch.Tensor) -> torch.Tensor:
+    fc1 = mlp.linear_fc1
+    if (VISION_FAST["gelu_epilogue"] and h.is_cuda and h.dim() == 2 and fc1.bias is not None
+            and getattr(tower.config, "hidden_act", None) == "gelu_pytorch_tanh"):
+        return mlp.linear_fc2(torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True))
+    return mlp(h)
 
 
 def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -704,15 +736,10 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
         qkv = a.qkv(h).reshape(n_tok, 3, a.num_heads, -1)
         q, k, v = qkv.unbind(1)
         q, k = fused_vision_rotary(q, k, cos, sin)  # float32 rotary, as transformers does
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
-            return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
+        o = _vision_attention(a, q, k, v, st, n_tok)
         # residual adds fused into the LayerNorm that follows them (one kernel instead of two)
-        x, h2 = fused_add_layer_norm(x, a.proj(o.transpose(1, 2).reshape(n_tok, hid)), blk.norm2.weight,
-                                     blk.norm2.bias, blk.norm2.eps)
-        m = blk.mlp(h2)
+        x, h2 = fused_add_layer_norm(x, a.proj(o), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        m = _vision_mlp(tower, blk.mlp, h2)
         if li + 1 < len(blocks):
             nxt = blocks[li + 1].norm1
             x, h = fused_add_layer_norm(x, m, nxt.weight, nxt.bias, nxt.eps)
