@@ -326,7 +326,8 @@ def test_default_few_rows_plan_uses_the_two_kernel_merge_and_fused_is_a_config()
         p = A.plan(bh, rows, n, sms, replace(A.plan(bh, rows, n, sms).config, fused_merge=True))
         assert p.fused_merge and p.splits > 1
         assert p.merge_group & (p.merge_group - 1) == 0
-        assert p.merge_group * p.config.block_m * 128 <= A.MERGE_FP32_PER_THREAD * 32 * p.config.num_warps
+        assert p.merge_group == 1 or \
+            p.merge_group * p.config.block_m * 128 <= A.MERGE_FP32_PER_THREAD * 32 * p.config.num_warps
     fused = replace(A.FEW_ROWS, block_m=16, fused_merge=True)
     assert A.plan(bh, 4, n, sms, fused).merge_group == 2  # block_m 16, 4 warps
     assert not A.plan(bh, 4, n, sms, A.Config(16, 64, 4, 2, splits=7, fused_merge=False)).fused_merge
@@ -381,6 +382,17 @@ def test_reference_row_without_keys_is_zero():
     q, k, v = torch.randn(1, 1, 2, D), torch.randn(1, 1, 5, D), torch.randn(1, 1, 5, D)
     out = A.slot_attention_reference(q, k, v, torch.tensor([0, 3]))
     assert (out[0, 0, 0] == 0).all() and not out.isnan().any()
+
+
+def test_few_rows_plans_fill_one_wave_with_the_swept_tiles():
+    """Decode / verify take 16-row tiles, the action's 128 rows 64-row tiles with a 4-deep pipeline; the
+    key axis is split so that all programs fit in one wave (H200 sweep, attention_kernel.py)."""
+    sms, bh, n = 132, 8, 3136
+    for rows, block_m, splits in ((4, 16, 13), (32, 16, 7), (128, 64, 7)):
+        p = A.plan(bh, rows, n, sms)
+        assert (p.config.block_m, p.splits) == (block_m, splits)
+        assert p.splits * p.row_tiles * bh <= sms
+    assert A.plan(bh, 128, n, sms).config == A.FEW_ROWS_TALL
 
 
 def test_plan_is_static_and_splits_only_few_rows():

@@ -64,10 +64,15 @@ class Config:
 
 
 # Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
-# block_m 32 (16 up to 32 rows): measured best on an H100 at decode/verify/action shapes
-# (scripts/gpu_attention_check.py: verify R=32 12.8 us at 16 vs 14.7 at 32; action R=128 20.8 us at 32
-# vs 23.6 at 64).
-FEW_ROWS = Config(block_m=32, block_n=64, num_warps=4, num_stages=3, splits=0)
+# Up to 32 rows (decode R=4, verify R=32): 16-row tiles. More (the action's R=128): 64-row tiles with a
+# 4-deep pipeline, so each K/V block is read by 2 row tiles instead of 4. Two-kernel sweep on an H200
+# (scripts/gpu_probe_session3.py --only few_rows, docs/bench/probe_session3_h200.json), 3057 of 3136
+# keys: action 15.5 us at 64/64/4 warps/4 stages/7 splits against 27.4 at the former 32-row default
+# (13 splits); verify 12.4-12.8 us at 16 rows and 9-17 splits against 13.4 at 25 splits; decode 10.4-10.7
+# against 11.4.
+FEW_ROWS = Config(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=0)
+FEW_ROWS_TALL = Config(block_m=64, block_n=64, num_warps=4, num_stages=4, splits=0)
+FEW_ROWS_MAX_SHORT = 32  # rows up to this take FEW_ROWS, more FEW_ROWS_TALL
 # Many rows (prefill): row tiles fill the GPU; bigger tiles reuse each K/V block for more rows.
 MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
 # Many rows but under two waves of 128-row tiles (the 799-token streaming prefill: 200 tiles on 132 SMs):
@@ -75,8 +80,10 @@ MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
 # 99.4 us at 64/64/4 warps/3 stages against 114.9 us at MANY_ROWS; the full prefill (R=12140) stays best
 # at MANY_ROWS (240.5 us).
 MANY_ROWS_SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1)
-# Split regime target: about this many programs per SM (several waves hide the tail of the last one).
-PROGRAMS_PER_SM = 3
+# Split regime target: programs per SM, rounded down (one wave: the splits are short, and a second
+# wave or more partials cost more than the idle SMs of one wave; the sweep above: action 7 splits =
+# 112 programs on 132 SMs beat 13 = 208).
+PROGRAMS_PER_SM = 1
 # Each split reads at least this many keys: shorter chunks cost more in partial writes and merging
 # (a split writes block_m x D fp32 per row tile) than they gain in parallelism.
 MIN_SPLIT_KEYS = 128
@@ -130,13 +137,14 @@ def plan(batch_heads: int, rows: int, n_keys: int, sms: int, config: Config | No
     if config is None:
         tiles128 = _cdiv(rows, MANY_ROWS.block_m) * batch_heads
         many = tiles128 >= sms
-        config = (MANY_ROWS if tiles128 >= 2 * sms else MANY_ROWS_SHORT) if many else FEW_ROWS
-        if not many:  # a tile no taller than the rows (tl.dot needs 16)
-            config = replace(config, block_m=16 if rows <= 32 else config.block_m)
+        if many:
+            config = MANY_ROWS if tiles128 >= 2 * sms else MANY_ROWS_SHORT
+        else:
+            config = FEW_ROWS if rows <= FEW_ROWS_MAX_SHORT else FEW_ROWS_TALL
     tiles = _cdiv(rows, config.block_m)
     splits = config.splits
     if splits == 0:
-        wanted = _cdiv(PROGRAMS_PER_SM * sms, tiles * batch_heads)
+        wanted = max(1, PROGRAMS_PER_SM * sms // (tiles * batch_heads))
         splits = min(wanted, _cdiv(n_keys, max(MIN_SPLIT_KEYS, config.block_n)))
     splits = max(1, min(splits, _cdiv(n_keys, config.block_n)))
     chunk = _cdiv(_cdiv(n_keys, splits), config.block_n) * config.block_n

@@ -687,11 +687,13 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
     return VisionStatic(idx, w, cos, sin, len(g), n, torch.full((n,), n, dtype=torch.int32, device=grid_thw.device))
 
 
-# The vision tower's attention (head dim 72) and fc1 + GELU run through faster paths on CUDA:
-# slot_attention with padded head lanes (cuDNN's flash kernel took 40 us per layer for 4 x 720 patches
-# on an H100, scripts/gpu_probe_session3.py), and cuBLASLt's GELU epilogue (one kernel instead of two;
-# the tanh approximation, which is what gelu_pytorch_tanh computes).
-VISION_FAST = {"attention_kernel": True, "gelu_epilogue": True}
+# Vision tower on CUDA (scripts/gpu_probe_session3.py, docs/bench/probe_session3_h100.json / _h200.json):
+# - fc1 + GELU: cuBLASLt's GELU epilogue, one kernel instead of two (H100: 53.4 against 65.4 us per
+#   layer; the epilogue is the tanh approximation, which is what gelu_pytorch_tanh computes, and is as
+#   close to float32 as the two-kernel path).
+# - attention (head dim 72): slot_attention with padded head lanes is correct but off: the masked lanes
+#   defeat vectorised loads (H200: 139 us per layer against cuDNN's 41.7); cuDNN stays the default.
+VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True}
 
 
 def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
