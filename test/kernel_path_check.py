@@ -121,14 +121,18 @@ def run() -> dict[str, float]:
     err["shift"] = max(_rel(getattr(c_fast, t)[:, :, :, :62], getattr(c_ref, t)[:, :, :, :62])
                        for t in ("k", "v", "k_rot"))
     # vision tower with head dim 24 (no power of two, like the real 72): per-image attention through
-    # slot_attention's padded lanes, against transformers' tower
+    # slot_attention's padded lanes (graphs.VISION_FAST, off by default), against transformers' tower
     vcfg = dataclasses.replace(cfg.vision, hidden_size=48, num_heads=2, intermediate_size=96)
     tower = build_vision_tower(vcfg).eval()
     _randomize(tower, 4)
     grid = torch.tensor([[1, 4, 6]] * 2)
     pix = torch.randn(2 * 4 * 6, 3 * 2 * 16 * 16)
     ref = encode_images(tower, pix, grid)
-    emb, deep = graphs.vision_forward(tower, pix, graphs.vision_static(tower, grid))
+    graphs.VISION_FAST["attention_kernel"] = True  # the optional kernel path (off by default on CUDA)
+    try:
+        emb, deep = graphs.vision_forward(tower, pix, graphs.vision_static(tower, grid))
+    finally:
+        graphs.VISION_FAST["attention_kernel"] = False
     err["vision"] = max([_rel(emb, ref.embeds)] + [_rel(a, b) for a, b in zip(deep, ref.deepstack)])
     err["kernels"] = float(graphs.kernels_usable(x))
     return err
