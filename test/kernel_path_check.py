@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashdrive_ros.engine import graphs  # noqa: E402
+from flashdrive_ros.engine.cache_kernels import shift_waves  # noqa: E402
 from flashdrive_ros.engine.config import tiny_config  # noqa: E402
 from flashdrive_ros.engine.expert import Expert  # noqa: E402
 from flashdrive_ros.engine.kv_cache import StaticKVCache  # noqa: E402
@@ -120,6 +121,16 @@ def run() -> dict[str, float]:
     graphs.cache_shift(c_fast, src, dst)
     err["shift"] = max(_rel(getattr(c_fast, t)[:, :, :, :62], getattr(c_ref, t)[:, :, :, :62])
                        for t in ("k", "v", "k_rot"))
+    # the streaming shift by one frame (4 frames of 6 slots at 24..47: frames 1..3 onto 0..2) moved in
+    # place in the wave order the engine computes (3 waves: each frame is read before it is overwritten)
+    src, dst = torch.arange(30, 48), torch.arange(24, 42)
+    s_w, d_w, waves = shift_waves(src, dst)
+    assert len(waves) == 3, waves
+    c_ref.shift(src, dst)
+    graphs.cache_shift(c_fast, s_w, d_w, waves)
+    err["shift_waves"] = max(_rel(getattr(c_fast, t)[:, :, :, :62], getattr(c_ref, t)[:, :, :, :62])
+                             for t in ("k", "v", "k_rot"))
+
     # vision tower with head dim 24 (no power of two, like the real 72): per-image attention through
     # slot_attention's padded lanes (graphs.VISION_FAST, off by default), against transformers' tower
     vcfg = dataclasses.replace(cfg.vision, hidden_size=48, num_heads=2, intermediate_size=96)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..engine import graphs as G
+from ..engine.cache_kernels import shift_waves
 from ..engine.flow import FlowSchedule, sample
 from ..engine.kv_cache import StaticKVCache
 from ..engine.rope import extend_positions, mrope_cos_sin, rope_index
@@ -158,6 +159,11 @@ class OursPipeline:
         self.q_ids = w.input_ids[self.q_slots]
         self.vis_q = self.q_ids == cfg.image_token_id
         src, dst = self.layout.shift_indices("vision_only")
+        plan = shift_waves(src, dst)  # in-place wave order for the cache kernel, as the engine does
+        if plan is not None:
+            src, dst, self.shift_waves = plan
+        else:
+            self.shift_waves = None
         self.shift_src, self.shift_dst = src.to(dev), dst.to(dev)
         self.stream_mask = self.layout.streaming_mask(self.max_len, dtype).to(dev)
         # pixel patches of the newest frame of each view (images are view-major, frame-minor)
@@ -304,7 +310,7 @@ class OursPipeline:
 
             def fn(ids, emb, d0, d1, d2):
                 if streaming:  # the slot shift of the previous window, inside the graph
-                    G.cache_shift(cache, self.shift_src, self.shift_dst)
+                    G.cache_shift(cache, self.shift_src, self.shift_dst, self.shift_waves)
                 x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(self.dtype))[None]
                 h, _ = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
                                     mask_folded=True, key_limit=limit)

@@ -160,6 +160,19 @@ def validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot) -> tuple[np
     return frames, int(t0_us), xyz, rot
 
 
+def _shift_plan(src: torch.Tensor, dst: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """(src, dst, waves) of a streaming shift, pairs regrouped so that the cache kernel can move them in
+    place (cache_kernels.shift_waves; computed once per layout on the host); waves None = as given."""
+    from .cache_kernels import shift_waves
+
+    plan = shift_waves(src, dst)
+    if plan is not None:
+        src, dst, waves = plan
+    else:
+        waves = None
+    return src.to(device), dst.to(device), waves
+
+
 def _step_seed(seed: int, t0_us: int) -> int:
     # A window's randomness depends only on (seed, t0), not on the history of calls.
     return (seed * 1_000_003 + t0_us) % (2 ** 63 - 1)
@@ -427,10 +440,11 @@ class DriveEngine:
             raise RuntimeError("shift() before the first full prefill of the stream")
         if k not in self._shift:
             raise ValueError(f"shift by k must be in {sorted(self._shift)}, got {k}")
+        src, dst, waves = self._shift[k]
         if self._fast is not None:
-            self._fast.shift(*self._shift[k])
+            self._fast.shift(src, dst, waves)
         else:
-            self.cache.shift(*self._shift[k])
+            self.cache.shift(src, dst)
 
     # ------------------------------------------------------------------ stages
     def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -459,8 +473,7 @@ class DriveEngine:
             ks = range(1, self.layout.n_frames)  # new frames per view of a streaming window
             self._query_slots = {k: self.layout.streaming_query_slots(k).to(self.device) for k in ks}
             self._stream_mask = {k: self.layout.streaming_mask(length, self.dtype, k).to(self.device) for k in ks}
-            self._shift = {k: tuple(t.to(self.device) for t in self.layout.shift_indices(self.shift_mode, k))
-                           for k in ks}
+            self._shift = {k: _shift_plan(*self.layout.shift_indices(self.shift_mode, k), self.device) for k in ks}
         return logits if self._fast is not None else hidden[:, -1]
 
     def _streaming_prefill(self, ids: torch.Tensor, feats, k: int = 1) -> torch.Tensor:

@@ -187,15 +187,17 @@ class GraphedStages:
 
         return self._run_prefill(self._get(key, build), q_ids, feats)
 
-    def shift(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """cache.shift(src, dst) as a graph (built on the identity dst -> dst: its warm-up changes nothing)."""
+    def shift(self, src: torch.Tensor, dst: torch.Tensor, waves: tuple[int, ...] | None = None) -> None:
+        """cache.shift(src, dst) as a graph (built on the identity dst -> dst: its warm-up changes nothing;
+        moving a slot onto itself is safe in any wave order). waves: see graphs.cache_shift; a graph
+        per wave plan, so the caller must pass pairs ordered for it (engine._shift does)."""
         cache = self.engine.cache
 
         def build():
-            return G.StageGraph(lambda src, dst: G.cache_shift(cache, src, dst),
+            return G.StageGraph(lambda src, dst: G.cache_shift(cache, src, dst, waves),
                                 {"src": dst.clone(), "dst": dst.clone()}, name="shift")
 
-        self._get(("shift", src.numel()), build)(src=src, dst=dst)
+        self._get(("shift", src.numel(), waves), build)(src=src, dst=dst)
 
     # ------------------------------------------------------------------ decode
     def decode_step(self, token: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -518,12 +518,14 @@ def cache_write(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torc
     cache.k_rot[layer, :, :, slots] = apply_rotary(k, cos, sin)
 
 
-def cache_shift(cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+def cache_shift(cache, src: torch.Tensor, dst: torch.Tensor, waves: tuple[int, ...] | None = None) -> None:
     """StaticKVCache.shift without host checks: one gather/scatter over all layers, keys re-rotated
-    at the destination slots' positions."""
+    at the destination slots' positions. waves: the pairs are ordered in groups that are safe to move
+    in place (cache_kernels.shift_waves, computed once per index set on the host): the kernel path then
+    needs no temporary and one launch per group; the PyTorch path is the same either way."""
     ck = _kernel_module("cache_kernels", cache.k)
     if ck is not None:
-        ck.shift_slots(cache, src, dst)
+        ck.shift_slots(cache, src, dst, waves=waves)
         return
     cache.k[:, :, :, dst] = cache.k[:, :, :, src]
     cache.v[:, :, :, dst] = cache.v[:, :, :, src]
