@@ -129,6 +129,37 @@ class DrafterConfig:
         return cls(**d)
 
 
+# ---------------------------------------------------------------------------------- draft vocabulary helpers
+@torch.no_grad()
+def gather_head(weight: torch.Tensor, ids: torch.Tensor) -> nn.Linear:
+    """A bias-free Linear whose K output rows are weight[ids] (one contiguous copy), padded by
+    graphs.pad_output_head to a multiple of 64 rows when K is not one already (a PaddedHead)."""
+    from . import graphs
+
+    head = nn.Linear(weight.shape[1], ids.numel(), bias=False, device="meta")
+    head.weight = nn.Parameter(weight.detach().index_select(0, ids.to(weight.device)), requires_grad=False)
+    graphs.pad_output_head(head)
+    return head
+
+
+def head_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] -> float32 logits [..., K] of a gather_head head, through graphs.linear on the
+    padded weight (the GEMM runs over the 64-aligned width; the padding columns are dropped)."""
+    from . import graphs
+
+    w = getattr(head, "padded_weight", head.weight)
+    return graphs.linear(hidden.to(w.dtype), w)[..., :head.out_features].float()
+
+
+def vocab_greedy(logits: torch.Tensor, ids: torch.Tensor, banned: tuple[int, int]) -> torch.Tensor:
+    """logits [..., K] over the sorted target ids `ids` [K] -> the argmax's target id, ids in
+    [lo, hi) banned (trajectory ids); no host sync. Ties go to the smallest id, as over the full vocabulary."""
+    lo, hi = banned
+    ids = ids.to(logits.device)
+    ban = (ids >= lo) & (ids < hi)
+    return ids[logits.float().masked_fill(ban, float("-inf")).argmax(-1)]
+
+
 class Drafter(nn.Module):
     """DFlash drafter. Owns: fc, hidden_norm, layers, norm, mask_embedding (nothing of the target)."""
 
@@ -186,30 +217,25 @@ class Drafter(nn.Module):
         are lm_head.weight[draft_vocab] (contiguous; graphs.pad_output_head pads it to a multiple of
         64 rows, like the full head). Built on first use and cached; rebuilt when the target head's
         weight is another tensor or moved to another device / dtype (or the vocabulary changed)."""
-        from . import graphs
+        import weakref
 
         w = model.vlm.lm_head.weight
         key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), self.draft_vocab.data_ptr(), self.draft_vocab.device)
-        if self._head_cache is None or self._head_cache[0] != key:
-            head = nn.Linear(w.shape[1], self.draft_vocab.numel(), bias=False, device="meta")
-            head.weight = nn.Parameter(w.detach().index_select(0, self.draft_vocab.to(w.device)),
-                                       requires_grad=False)
-            graphs.pad_output_head(head)
-            self._head_cache = (key, head)
-        return self._head_cache[1]
+        c = self._head_cache
+        # the weak reference: a freed head whose address was reused by another tensor is not "the same"
+        if c is None or c[0] != key or c[1]() is not w:
+            self._head_cache = c = (key, weakref.ref(w), gather_head(w, self.draft_vocab))
+        return c[2]
 
     def draft_greedy(self, logits: torch.Tensor, banned: tuple[int, int]) -> torch.Tensor:
         """Greedy draft ids (target ids) from draft_logits' output [..., K]: argmax with the id range
         [lo, hi) banned (trajectory ids), no host sync (graph-capturable). Ties go to the smallest id,
         as an argmax over the whole vocabulary would (draft_vocab is sorted)."""
-        from . import graphs
-
         if self.draft_vocab is None:
+            from . import graphs
+
             return graphs.greedy_token(logits, banned)
-        lo, hi = banned
-        ids = self.draft_vocab.to(logits.device)
-        ban = (ids >= lo) & (ids < hi)
-        return ids[logits.float().masked_fill(ban, float("-inf")).argmax(-1)]
+        return vocab_greedy(logits, self.draft_vocab, banned)
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """draft_logits' output [..., K] -> [..., V] float32 with -inf at every id outside the draft
@@ -290,16 +316,12 @@ class Drafter(nn.Module):
         without a draft vocabulary, else column k is target id draft_vocab[k] (the head is `draft_head`;
         draft_greedy / full_logits map back to target ids). check_ids=False skips model.embed's id range
         check (a host sync; the graphed loop's anchors are argmax ids); fast=True runs forward_fast."""
-        from . import graphs
-
         embed = model.embed if check_ids else model.language_model.embed_tokens
         block = self.block_embeds(embed(anchor_ids))
         hidden = self.forward_fast(block, context) if fast else self(block, context)
         if self.draft_vocab is None:
             return model.logits(hidden[:, 1:])
-        head = self.draft_head(model)
-        w = getattr(head, "padded_weight", head.weight)
-        return graphs.linear(hidden[:, 1:].to(w.dtype), w)[..., :head.out_features].float()
+        return head_logits(self.draft_head(model), hidden[:, 1:])
 
 
 def build_draft_vocab(sequences, size: int, always=(), vocab_size: int | None = None,
