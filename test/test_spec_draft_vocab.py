@@ -316,3 +316,24 @@ def test_engine_with_the_trained_drafter_and_a_vocabulary_is_lossless_graphed_an
             assert a.verify_passes == b.verify_passes and a.tokens_per_pass == b.tokens_per_pass
         assert "draft" in {k[0] for k in fast._fast.graphs}
 
+
+
+# ------------------------------------------------------------------------------------------- the build command
+def test_draft_vocab_command_builds_a_drafter_from_rollout_tokens(tmp_path):
+    """training.draft_vocab (build): the `size` most frequent generated ids of the rollouts, with
+    <|cot_end|> / <|traj_future_start|>, filled up with the smallest unseen ids, saved with a copy of
+    the drafter (weights unchanged) that then loads with that vocabulary."""
+    from flashdrive_ros.engine.engine import DriveEngine
+    from flashdrive_ros.training import draft_vocab
+
+    ids = DriveEngine.from_pretrained("tiny", streaming=False).ids
+    seq = [-100] * 8 + [260, 260, 260, 13, 13, 316, 5] + [ids.cot_end, ids.traj_future_start]
+    torch.save({"sequences": [{"tokens": torch.tensor(seq)}, {"tokens": torch.tensor(seq[:10])}]},
+               tmp_path / "rollouts.pt")
+    out = tmp_path / "drafter"
+    draft_vocab.main(["--rollouts", str(tmp_path / "rollouts.pt"), "--size", "8", "--out", str(out)])
+    model = load_model("tiny", torch.float32, "cpu")
+    d = load_drafter(out, model)
+    assert d.draft_vocab.tolist() == sorted({260, 13, 316, 5, ids.cot_end, ids.traj_future_start, 0, 1})
+    shipped = load_drafter(SHIPPED_DRAFTER, model)
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in d.state_dict().items() if k != "draft_vocab")
