@@ -159,6 +159,7 @@ def main():
     ap.add_argument("--tau", type=float, default=5.6)
     ap.add_argument("--out", default="profile_out")
     ap.add_argument("--skip-micro", action="store_true")
+    ap.add_argument("--draft-vocab", default="auto", help="rows of the drafter stand-in's head (bench --draft-vocab); 0 = all")
     ap.add_argument("--from-json", default=None, help="print the summary table of a saved profile.json and exit")
     args = ap.parse_args()
     if args.from_json:
@@ -167,7 +168,10 @@ def main():
     dev, dtype = torch.device("cuda"), torch.bfloat16
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape}
     t0 = time.time()
-    pipe = OursPipeline(get_shape(args.shape), dev, dtype)
+    pipe = OursPipeline(get_shape(args.shape), dev, dtype,
+                        draft_vocab=args.draft_vocab if args.draft_vocab == "auto" else (int(args.draft_vocab) or None))
+    out["draft_vocab"] = pipe.draft_vocab_size
+    print(f"drafter stand-in head: {pipe.draft_vocab_size} rows")
     pipe.reference_tokens()
     pipe.full_prefill_window()
     mode = Mode(streaming=True, tau=args.tau, flow="adaptive", graphs=True)

@@ -43,3 +43,30 @@ def test_bench_cli_tiny_cpu(tmp_path):
     assert res["checks"]["graph_vs_eager_action_rel_diff"] < 1e-3
     md = (tmp_path / "bench.md").read_text()
     assert "| ours: all (τ=5.6) |" in md and "22 decoded tokens" in md
+
+
+def test_bench_cli_tiny_cpu_with_a_draft_vocabulary(tmp_path):
+    """--draft-vocab K: the scripted drafter's head reads K gathered lm_head rows (1000: padded to 1024);
+    the script still decides acceptance, so the passes are unchanged, and the report states K."""
+    from flashdrive_ros.bench.ours import OursPipeline
+    from flashdrive_ros.bench.shapes import DRAFT_VOCAB, default_draft_vocab
+
+    assert default_draft_vocab(get_shape("full")) == DRAFT_VOCAB == 32768
+    assert default_draft_vocab(get_shape("tiny")) is None  # 5 052 ids: the whole head
+    rc = cli.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path),
+                   "--rows", "ours: spec τ=5.6,ours: all (τ=5.6)", "--draft-vocab", "1000"])
+    assert rc == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["workload"]["draft_vocab"] == 1000 and not res.get("errors")
+    assert [r["decode_passes"] for r in res["rows"]] == [4, 4]
+    assert "draft vocabulary of 1000 of the 5052 target ids" in (tmp_path / "bench.md").read_text()
+    # the stand-in's greedy drafts over the vocabulary == the full head's argmax restricted to it
+    pipe = OursPipeline(get_shape("tiny"), "cpu", torch.float32, draft_vocab=1000)
+    h = torch.randn(7, pipe.cfg.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    full = pipe.model.vlm.lm_head(h)
+    keep = torch.full_like(full, float("-inf"))
+    keep[:, pipe.draft_ids] = full[:, pipe.draft_ids]
+    from flashdrive_ros.engine import graphs as G
+
+    assert torch.equal(pipe._draft_greedy(h), G.greedy_token(keep, pipe.banned))
+    assert pipe._draft_head().padded_weight.shape[0] == 1024

@@ -20,7 +20,7 @@ import torch
 
 from . import roofline
 from .ours import Mode, OursPipeline
-from .shapes import ACCEPT_LENGTHS, SHAPES, get_shape, make_workload
+from .shapes import ACCEPT_LENGTHS, DRAFT_VOCAB, SHAPES, get_shape, make_workload
 from .stock import StockPipeline
 from .timing import Clock, summarize
 
@@ -67,7 +67,8 @@ def _time_rows(name: str, step, steps: int, warmup: int, log) -> dict:
 
 
 def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
-        rows: list[str] | None, log=print, out: Path | None = None) -> dict:
+        rows: list[str] | None, log=print, out: Path | None = None, draft_vocab: int | str | None = "auto") -> dict:
+    """draft_vocab: rows of the scripted drafter's head (OursPipeline); "auto" = shapes.default_draft_vocab."""
     shape = get_shape(shape_name)
     clock = Clock(device)
     result = {"shape": shape_name, "env": environment(device), "dtype": str(dtype).replace("torch.", ""),
@@ -113,8 +114,10 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
 
         guarded(name, stock_row)
 
-    ours = OursPipeline(shape, device, dtype)
+    ours = OursPipeline(shape, device, dtype, draft_vocab=draft_vocab)
     result["params_ours"] = ours.parameter_count()
+    result["workload"]["draft_vocab"] = ours.draft_vocab_size
+    result["workload"]["vocab"] = shape.cfg.text.vocab_size
     ours.reference_tokens()
     def fast_check():
         result["checks"]["fast_vs_eager_rel_diff"] = ours.fast_path_check()
@@ -171,6 +174,8 @@ def to_markdown(res: dict) -> str:
              f"Window: {wl['prompt_tokens']}-token prompt with {wl['images']} images × {wl['image_tokens_each']} "
              f"tokens; streaming query {wl['streaming_query_tokens']} tokens; **{wl['decoded_tokens']} decoded tokens**; "
              f"{wl['samples']} trajectory. Median (p90) ms over {res['steps']} steps after {res['warmup']} warm-up steps.",
+             *([f"Scripted drafter: draft vocabulary of {wl['draft_vocab']} of the {wl['vocab']} target ids "
+                f"(its head GEMM reads {wl['draft_vocab']} lm_head rows per pass)."] if "draft_vocab" in wl else []),
              "",
              "| row | encode | prefill | decode | action | total | decode passes | × vs stock |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -216,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--rows", default=None, help="comma-separated substrings selecting rows (default: all)")
+    ap.add_argument("--draft-vocab", default="auto",
+                    help="rows of the scripted drafter's head (a draft vocabulary of K target ids); 0 = the whole "
+                         f"vocabulary; default auto = {DRAFT_VOCAB} where the vocabulary is larger (full shapes), "
+                         "else the whole vocabulary (docs/SPECULATIVE.md, Draft vocabulary)")
     args = ap.parse_args(argv)
+    draft_vocab = args.draft_vocab if args.draft_vocab == "auto" else (int(args.draft_vocab) or None)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = args.rows.split(",") if args.rows else None
     out = Path(args.out)
-    res = run(args.shape, args.steps, args.warmup, device, dtype, rows, out=out)
+    res = run(args.shape, args.steps, args.warmup, device, dtype, rows, out=out, draft_vocab=draft_vocab)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     md = to_markdown(res)

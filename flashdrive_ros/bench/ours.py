@@ -10,7 +10,10 @@ StreamingLayout, flow.FlowSchedule), on the synthetic window of bench/shapes.py:
               own greedy continuation and the pass accepts a scripted count so that the mean accept
               length is τ (random weights accept nothing on their own). The DFlash-shaped draft model
               (2 decoder layers + context projection + lm_head) still runs every pass with random
-              weights, so its time is counted; its tokens are replaced by the script.
+              weights, so its time is counted; its tokens are replaced by the script. Its head covers a
+              draft vocabulary of K target ids (`draft_vocab`; default shapes.default_draft_vocab: 32 768
+              at the full shape, the whole vocabulary where that is smaller), the target lm_head rows
+              gathered once (speculative.gather_head), so the draft GEMM reads K rows instead of V.
   adaptive    FlashDrive's 8-step flow schedule with velocity reuse: 4 expert evaluations.
   graphs      fused QKV / gate-up projections + one CUDA graph per stage (graphs.py).
 
@@ -32,7 +35,7 @@ from ..engine.kv_cache import StaticKVCache
 from ..engine.rope import extend_positions, mrope_cos_sin, rope_index
 from ..engine.streaming import StreamingLayout, causal_mask
 from ..engine.text_model import DecoderLayer, RMSNorm
-from .shapes import DRAFT_BLOCK, Shape, make_workload
+from .shapes import DRAFT_BLOCK, Shape, default_draft_vocab, make_workload, special_id
 from .timing import Clock
 
 
@@ -130,8 +133,21 @@ class _Graphs:
     stages: dict[str, G.StageGraph] = field(default_factory=dict)
 
 
+def bench_draft_vocab(cfg, size: int) -> torch.Tensor:
+    """The scripted drafter's draft vocabulary of `size` ids: the smallest base-vocabulary ids plus
+    <|cot_end|> and <|traj_future_start|> (which ids does not matter for timing: the script replaces
+    the drafter's tokens; the count K sets the head GEMM's width)."""
+    from ..engine.speculative import build_draft_vocab
+
+    lo = cfg.traj_token_start_idx
+    return build_draft_vocab([], size, always=(special_id(cfg, "cot_end"), special_id(cfg, "traj_future_start")),
+                             vocab_size=cfg.text.vocab_size, exclude=(lo, lo + cfg.traj_vocab_size))
+
+
 class OursPipeline:
-    def __init__(self, shape: Shape, device, dtype: torch.dtype, seed: int = 0):
+    def __init__(self, shape: Shape, device, dtype: torch.dtype, seed: int = 0, draft_vocab: int | str | None = "auto"):
+        """draft_vocab: K ids for the scripted drafter's head; "auto" = shapes.default_draft_vocab(shape);
+        None (or >= the vocabulary size) = the target's whole lm_head."""
         self.shape, self.device, self.dtype = shape, torch.device(device), dtype
         cfg = self.cfg = shape.cfg
         self.model = build_model(cfg, dtype, self.device, seed)
@@ -140,6 +156,12 @@ class OursPipeline:
             self.drafter = DraftStandIn(cfg.text, len(self.n_ctx_layers)).to(dtype)
         random_init_(self.drafter, seed + 1)
         self.drafter.eval().requires_grad_(False)
+        if draft_vocab == "auto":
+            draft_vocab = default_draft_vocab(shape)
+        if draft_vocab is not None and draft_vocab >= cfg.text.vocab_size:
+            draft_vocab = None
+        self.draft_ids = None if draft_vocab is None else bench_draft_vocab(cfg, draft_vocab).to(self.device)
+        self._draft_head_cache: tuple | None = None
 
         w = self.w = make_workload(shape, self.device, dtype, seed)
         ids_cpu = w.input_ids.cpu()
@@ -195,6 +217,30 @@ class OursPipeline:
 
     def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         return G.greedy_token(self.model.vlm.lm_head(hidden), self.banned)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """K: rows of the scripted drafter's head (the vocabulary size without a draft vocabulary)."""
+        return self.cfg.text.vocab_size if self.draft_ids is None else int(self.draft_ids.numel())
+
+    def _draft_head(self):
+        """lm_head rows of the draft vocabulary, gathered once per lm_head weight (fusion pads the
+        target head into new storage, so the fused path gathers again)."""
+        from ..engine.speculative import gather_head
+
+        w = self.model.vlm.lm_head.weight
+        key = (w.data_ptr(), w.dtype)
+        if self._draft_head_cache is None or self._draft_head_cache[0] != key:
+            self._draft_head_cache = (key, gather_head(w, self.draft_ids))
+        return self._draft_head_cache[1]
+
+    def _draft_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The drafter's greedy ids: over the draft vocabulary when there is one, else as _greedy."""
+        if self.draft_ids is None:
+            return self._greedy(hidden)
+        from ..engine.speculative import head_logits, vocab_greedy
+
+        return vocab_greedy(head_logits(self._draft_head(), hidden), self.draft_ids, self.banned)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -256,7 +302,7 @@ class OursPipeline:
         ctx = torch.cat([cap[i] for i in self.n_ctx_layers], dim=-1)
         blk = self.lm.embed_tokens(anchor.expand(DRAFT_BLOCK))[None]  # anchor + MASK stand-ins
         h = self.drafter(ctx, blk)
-        return self._greedy(h[0, 1:])
+        return self._draft_greedy(h[0, 1:])
 
     def action_eager(self, schedule: FlowSchedule) -> torch.Tensor:
         n_ctx = self.L + self.n_dec
@@ -383,7 +429,10 @@ class OursPipeline:
         def build():
             def fn(ctx, anchor):
                 blk = self.lm.embed_tokens(anchor.expand(DRAFT_BLOCK))[None]
-                return self._greedy(self.drafter(ctx, blk)[0, 1:])
+                return self._draft_greedy(self.drafter(ctx, blk)[0, 1:])
+
+            if self.draft_ids is not None:
+                self._draft_head()  # gathered before capture (the fused lm_head's rows)
 
             ctx = ver.outputs[1] if ver.outputs is not None else ver()[1]
             return G.StageGraph(fn, {"ctx": ctx, "anchor": ver.buffers["anchor"]},

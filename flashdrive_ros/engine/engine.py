@@ -225,6 +225,16 @@ class DriveEngine:
         self.weights_description = weights_description
         self.speculative = bool(speculative)
         self.drafter = drafter.to(device=self.device, dtype=self.dtype).eval() if speculative else None
+        if self.speculative and getattr(self.drafter, "draft_vocab", None) is not None:
+            # the ids that end the reasoning must be proposable (speculative.build_draft_vocab's `always`)
+            need = {self.ids.cot_end, self.ids.traj_future_start}
+            missing = need - set(self.drafter.draft_vocab.tolist())
+            if missing:
+                import warnings
+
+                warnings.warn(f"drafter's draft vocabulary lacks {sorted(missing)} (<|cot_end|> / "
+                              "<|traj_future_start|>); adding them", stacklevel=2)
+                self.drafter.set_draft_vocab(self.drafter.draft_vocab, always=need)
         # The drafter is conditioned on captured target hidden states of the last prompt positions.
         self._capture_layers = tuple(self.drafter.cfg.target_layers) if self.speculative else ()
         self._context: torch.Tensor | None = None

@@ -9,7 +9,8 @@ instead of its eager modules when `cuda_graphs` is on:
   decode step     q = 1: embed -> lm_forward -> logits + greedy token   key: max_len
   action          the whole flow.sample loop over graphs.expert_forward key: K, schedule
   shift           graphs.cache_shift of the streaming frame slots       key: #slots (differs per k)
-  draft           speculative: drafter forward -> proposed block ids    key: max_len, block, context
+  draft           speculative: drafter forward -> proposed block ids    key: max_len, block, context,
+                  (over its draft vocabulary when it has one)          draft vocabulary
   verify          speculative: q = block target forward + greedy        key: max_len, block
                   acceptance + every loop-state update, on the device
   tail            speculative: the closing <= 3 tokens, one q = 3 pass  key: max_len
@@ -274,7 +275,9 @@ class GraphedStages:
         engine = self.engine
         drafter = engine.drafter
         cfg = drafter.cfg
-        key = (engine.cache.max_len, max_new, cfg.block_size, cfg.context_len, len(cfg.target_layers))
+        vocab = getattr(drafter, "draft_vocab", None)  # the draft graph binds the drafter's head
+        key = (engine.cache.max_len, max_new, cfg.block_size, cfg.context_len, len(cfg.target_layers),
+               None if vocab is None else (vocab.numel(), vocab.data_ptr()))
         st = self._spec.get(key)
         if st is None:
             st = self._spec[key] = _SpecState.allocate(key, max_new, cfg.block_size, cfg.context_len,
@@ -301,8 +304,9 @@ class GraphedStages:
 
         def build_draft():
             def fn(anchor, ctx, draft, **_):
-                logits = drafter.draft_logits(model, anchor, ctx, check_ids=False, fast=True)[0]   # [block - 1, V]
-                draft.copy_(G.greedy_token(logits, banned))
+                # [block - 1, K]: K = V, or the draft vocabulary (its gathered head; ids mapped back)
+                logits = drafter.draft_logits(model, anchor, ctx, check_ids=False, fast=True)[0]
+                draft.copy_(drafter.draft_greedy(logits, banned))
 
             return G.StageGraph(fn, bufs, shared=shared, name="draft")
 

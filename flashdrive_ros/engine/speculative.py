@@ -38,6 +38,17 @@ tensor per pass (done flag + counters + ids) and nothing else; the closing token
 q = 3 `tail` graph. Sampling (temperature > 0) keeps this module's eager loop (its rejection sampling
 draws from a CPU generator).
 
+Draft vocabulary (FR-Spec / EAGLE-3 style, optional): `Drafter.set_draft_vocab(ids)` restricts the
+drafter's head to K target ids (a sorted int64 buffer `draft_vocab`, saved with the drafter). The rows
+of the target lm_head for those ids are gathered once into a contiguous [K padded to 64, H] weight
+(`draft_head`, rebuilt when the target head's storage / device / dtype changes), so a draft pass reads
+K rows instead of V. `draft_logits` then returns logits over the K ids, `draft_greedy` maps argmax
+back to target ids, `full_logits` scatters them into a V-wide row (-inf elsewhere) for sampling: q is
+then a proper distribution that is zero outside the draft vocabulary, which rejection sampling
+handles exactly. Ids outside it are never proposed; verification is unchanged, so greedy output stays
+token-for-token the target's (only tau can drop). `build_draft_vocab(sequences, size, always)` picks
+the most frequent ids of token sequences (e.g. the rollouts the drafter was trained on).
+
 Save / load: `save_drafter(drafter, dir)` -> dir/drafter.safetensors + dir/drafter_config.json;
 `load_drafter(dir, target_model, target_dir=None)`; train_dflash records the target's
 `target_fingerprint` (sha256 of its weights) in the drafter's notes, and load_drafter warns (never
@@ -118,6 +129,37 @@ class DrafterConfig:
         return cls(**d)
 
 
+# ---------------------------------------------------------------------------------- draft vocabulary helpers
+@torch.no_grad()
+def gather_head(weight: torch.Tensor, ids: torch.Tensor) -> nn.Linear:
+    """A bias-free Linear whose K output rows are weight[ids] (one contiguous copy), padded by
+    graphs.pad_output_head to a multiple of 64 rows when K is not one already (a PaddedHead)."""
+    from . import graphs
+
+    head = nn.Linear(weight.shape[1], ids.numel(), bias=False, device="meta")
+    head.weight = nn.Parameter(weight.detach().index_select(0, ids.to(weight.device)), requires_grad=False)
+    graphs.pad_output_head(head)
+    return head
+
+
+def head_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] -> float32 logits [..., K] of a gather_head head, through graphs.linear on the
+    padded weight (the GEMM runs over the 64-aligned width; the padding columns are dropped)."""
+    from . import graphs
+
+    w = getattr(head, "padded_weight", head.weight)
+    return graphs.linear(hidden.to(w.dtype), w)[..., :head.out_features].float()
+
+
+def vocab_greedy(logits: torch.Tensor, ids: torch.Tensor, banned: tuple[int, int]) -> torch.Tensor:
+    """logits [..., K] over the sorted target ids `ids` [K] -> the argmax's target id, ids in
+    [lo, hi) banned (trajectory ids); no host sync. Ties go to the smallest id, as over the full vocabulary."""
+    lo, hi = banned
+    ids = ids.to(logits.device)
+    ban = (ids >= lo) & (ids < hi)
+    return ids[logits.float().masked_fill(ban, float("-inf")).argmax(-1)]
+
+
 class Drafter(nn.Module):
     """DFlash drafter. Owns: fc, hidden_norm, layers, norm, mask_embedding (nothing of the target)."""
 
@@ -140,6 +182,69 @@ class Drafter(nn.Module):
         cos, sin = mrope_cos_sin(torch.arange(n).expand(3, -1), cfg.head_dim, cfg.rope_theta, section)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Optional draft vocabulary: sorted int64 target ids [K] (None = the whole target vocabulary).
+        # A persistent buffer once set (saved by save_drafter), absent from the state dict while None.
+        self.register_buffer("draft_vocab", None)
+        self._head_cache: tuple | None = None  # (key, gathered head module) built by draft_head
+
+    # ------------------------------------------------------------------ draft vocabulary
+    @torch.no_grad()
+    def set_draft_vocab(self, ids, always=()) -> None:
+        """Restrict proposals to `ids` (any iterable / tensor of target ids; sorted, deduplicated,
+        merged with `always`), or None for the whole vocabulary. Set it before graphs are built:
+        a captured draft graph keeps the head it was captured with."""
+        self._head_cache = None
+        if ids is None:
+            self.draft_vocab = None
+            return
+        t = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+        t = torch.cat([t, torch.as_tensor(list(always), dtype=torch.long)]).unique(sorted=True)
+        if t.numel() == 0:
+            raise ValueError("a draft vocabulary needs at least one id")
+        if int(t[0]) < 0 or int(t[-1]) >= self.cfg.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {self.cfg.vocab_size}), got "
+                             f"[{int(t[0])}, {int(t[-1])}]")
+        self.draft_vocab = t.to(self.mask_embedding.device)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """K: the number of ids the drafter can propose (the target vocabulary size without a draft vocabulary)."""
+        return self.cfg.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
+
+    @torch.no_grad()
+    def draft_head(self, model) -> nn.Linear:
+        """The target lm_head restricted to the draft vocabulary: a bias-free Linear [K -> H] whose rows
+        are lm_head.weight[draft_vocab] (contiguous; graphs.pad_output_head pads it to a multiple of
+        64 rows, like the full head). Built on first use and cached; rebuilt when the target head's
+        weight is another tensor or moved to another device / dtype (or the vocabulary changed)."""
+        import weakref
+
+        w = model.vlm.lm_head.weight
+        key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), self.draft_vocab.data_ptr(), self.draft_vocab.device)
+        c = self._head_cache
+        # the weak reference: a freed head whose address was reused by another tensor is not "the same"
+        if c is None or c[0] != key or c[1]() is not w:
+            self._head_cache = c = (key, weakref.ref(w), gather_head(w, self.draft_vocab))
+        return c[2]
+
+    def draft_greedy(self, logits: torch.Tensor, banned: tuple[int, int]) -> torch.Tensor:
+        """Greedy draft ids (target ids) from draft_logits' output [..., K]: argmax with the id range
+        [lo, hi) banned (trajectory ids), no host sync (graph-capturable). Ties go to the smallest id,
+        as an argmax over the whole vocabulary would (draft_vocab is sorted)."""
+        if self.draft_vocab is None:
+            from . import graphs
+
+            return graphs.greedy_token(logits, banned)
+        return vocab_greedy(logits, self.draft_vocab, banned)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """draft_logits' output [..., K] -> [..., V] float32 with -inf at every id outside the draft
+        vocabulary (so softmax gives them probability exactly 0). Identity without a draft vocabulary."""
+        if self.draft_vocab is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"), dtype=torch.float32)
+        ids = self.draft_vocab.to(logits.device).expand(*logits.shape[:-1], -1)
+        return out.scatter(-1, ids, logits.float())
 
     @classmethod
     def for_target(cls, model, target_layers: tuple[int, ...] | None = None, seed: int | None = 0) -> "Drafter":
@@ -206,14 +311,53 @@ class Drafter(nn.Module):
 
     def draft_logits(self, model, anchor_ids: torch.Tensor, context: torch.Tensor,
                      check_ids: bool = True, fast: bool = False) -> torch.Tensor:
-        """anchor ids [B] + context [B, C, n*H] -> float32 logits [B, block_size - 1, V] for the tokens
-        after the anchor, through the target's frozen embedding and lm_head. check_ids=False skips
-        model.embed's id range check (a host sync; the graphed loop's anchors are argmax ids);
-        fast=True runs forward_fast."""
+        """anchor ids [B] + context [B, C, n*H] -> float32 logits [B, block_size - 1, K] for the tokens
+        after the anchor, through the target's frozen embedding and lm_head: K = V (column = target id)
+        without a draft vocabulary, else column k is target id draft_vocab[k] (the head is `draft_head`;
+        draft_greedy / full_logits map back to target ids). check_ids=False skips model.embed's id range
+        check (a host sync; the graphed loop's anchors are argmax ids); fast=True runs forward_fast."""
         embed = model.embed if check_ids else model.language_model.embed_tokens
         block = self.block_embeds(embed(anchor_ids))
         hidden = self.forward_fast(block, context) if fast else self(block, context)
-        return model.logits(hidden[:, 1:])
+        if self.draft_vocab is None:
+            return model.logits(hidden[:, 1:])
+        return head_logits(self.draft_head(model), hidden[:, 1:])
+
+
+def build_draft_vocab(sequences, size: int, always=(), vocab_size: int | None = None,
+                      exclude: tuple[int, int] | None = None) -> torch.Tensor:
+    """The `size` most frequent ids of `sequences` (an iterable of 1-D int tensors / lists; negative
+    ids such as the -100 label padding are ignored), together with every id of `always` (those count
+    towards `size`), as a sorted int64 tensor for Drafter.set_draft_vocab.
+
+    Ties in frequency go to the smaller id. Ids in `exclude` = [lo, hi) (e.g. the trajectory ids,
+    which are never proposed anyway) are not counted. With `vocab_size` and fewer distinct ids seen than
+    `size`, the rest is filled with the smallest unseen ids (so the result has exactly `size` ids when
+    the vocabulary allows it); without it the result may be smaller."""
+    always = sorted({int(i) for i in always})
+    if size < len(always):
+        raise ValueError(f"size {size} is smaller than the {len(always)} ids that must always be included")
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        t = torch.as_tensor(seq, dtype=torch.long).flatten()
+        t = t[t >= 0]
+        if exclude is not None:
+            t = t[(t < exclude[0]) | (t >= exclude[1])]
+        ids, n = t.unique(return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+    chosen = set(always)
+    for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(chosen) >= size:
+            break
+        chosen.add(i)
+    if vocab_size is not None and len(chosen) < size:
+        for i in range(vocab_size):
+            if len(chosen) >= size:
+                break
+            if i not in chosen and (exclude is None or not exclude[0] <= i < exclude[1]):
+                chosen.add(i)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def context_features(captured: dict[int, torch.Tensor], target_layers: tuple[int, ...]) -> torch.Tensor:
@@ -231,9 +375,12 @@ def save_drafter(drafter: Drafter, directory: str | Path, extra: dict | None = N
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in drafter.state_dict().items()}
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in drafter.state_dict().items()}  # draft_vocab stays int64
     save_file(state, str(directory / WEIGHTS_NAME))
     meta = {"drafter": drafter.cfg.to_json()}
+    if drafter.draft_vocab is not None:
+        meta["draft_vocab_size"] = drafter.draft_vocab_size  # informational; the ids are in the weights file
     if extra:
         meta["notes"] = extra
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -327,7 +474,11 @@ def load_drafter(directory: str | Path, model, target_dir: str | Path | None = N
     if target_dir is not None:
         check_drafter_target(directory, target_dir)
     drafter = Drafter(cfg)
-    drafter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+    state = load_file(str(directory / WEIGHTS_NAME))
+    vocab = state.get("draft_vocab")  # absent in drafters saved before draft vocabularies existed
+    if vocab is not None:
+        drafter.set_draft_vocab(vocab)
+    drafter.load_state_dict(state, strict=True)
     return drafter.to(device=model.device, dtype=model.dtype).eval()
 
 
@@ -469,12 +620,15 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
     done = generated[-1] == cot_end or len(generated) >= max_new_tokens
     while not done:
         anchor = torch.tensor([generated[-1]], device=device)
-        d_logits = drafter.draft_logits(model, anchor, ctx)[0]                      # [7, V]
+        d_logits = drafter.draft_logits(model, anchor, ctx)[0]                      # [7, K]
         if sampling:
-            q = target_probs(d_logits.cpu(), traj_start, traj_size, temperature, top_p)
+            # q: the drafter's filtered distribution as a V-wide row, exactly 0 outside the draft vocabulary
+            q = target_probs(drafter.full_logits(d_logits).cpu(), traj_start, traj_size, temperature, top_p)
             draft = torch.multinomial(q, 1, generator=generator)[:, 0]
-        else:
+        elif drafter.draft_vocab is None:
             draft = choose_next_token(d_logits, traj_start, traj_size).cpu()
+        else:  # argmax over the K draft ids, mapped back to target ids
+            draft = drafter.draft_greedy(d_logits, (traj_start, traj_start + traj_size)).cpu()
         block_ids = torch.cat([anchor, draft.to(device)])
         logits, feats = forward(block_ids, cur)                                    # [8, V], [1, 8, n*H]
         passes += 1
