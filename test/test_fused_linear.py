@@ -60,6 +60,10 @@ CASES = {
     # name: (x, w, fused_linear kwargs, forced config or None = fused_config's choice)
     "norm_identity_exact_stats": lambda: (_exact((8, 128), 1), _eye(128), dict(norm_weight=_norm_w(128, 2), eps=EPS),
                                           _cfg(32, 32)),
+    "norm_identity_exact_stats_prepass_tiles": lambda: (_exact((8, 1024), 41), _eye(1024),
+                                                        dict(norm_weight=_norm_w(1024, 42), eps=EPS), _cfg(64, 128)),
+    "norm_k600_prepass_tiles_and_tails": lambda: (_t((8, 600), 43), _row_slice(64, 600, 44),
+                                                  dict(norm_weight=_norm_w(600, 45), eps=EPS), _cfg(32, 128)),
     "norm_identity_random": lambda: (_t((8, 256), 3, scale=3.0), _eye(256), dict(norm_weight=_norm_w(256, 4), eps=EPS),
                                      _cfg(64, 64)),
     "norm_n_tail_k_tail": lambda: (_t((8, 160), 5), _row_slice(200, 160, 6), dict(norm_weight=_norm_w(160, 7), eps=EPS),
@@ -133,10 +137,12 @@ def test_fused_linear_matches_its_reference(kernel, name):
 
 
 def test_norm_prologue_is_bitwise_the_eager_norm_when_the_row_statistic_is_exact(kernel):
-    """h = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))): the very tensor graphs._rms feeds the GEMM."""
-    (x, w, kw, _), out, _ = kernel["norm_identity_exact_stats"]
-    assert torch.equal(out, graphs._rms(x, kw["norm_weight"], kw["eps"]))
-    assert torch.equal(out, L.rms_norm_reference(x, kw["norm_weight"], kw["eps"]))
+    """h = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))): the very tensor graphs._rms feeds the GEMM
+    (K = 1024: the row statistic over two NORM_PRE_K-wide pre-pass tiles)."""
+    for name in ("norm_identity_exact_stats", "norm_identity_exact_stats_prepass_tiles"):
+        (x, w, kw, _), out, _ = kernel[name]
+        assert torch.equal(out, graphs._rms(x, kw["norm_weight"], kw["eps"]))
+        assert torch.equal(out, L.rms_norm_reference(x, kw["norm_weight"], kw["eps"]))
 
 
 def test_norm_prologue_on_random_rows_differs_from_eager_by_at_most_an_ulp_in_rare_elements(kernel):
@@ -238,13 +244,14 @@ def test_fused_kernel_compiles_for_hopper_with_a_multi_buffered_pipeline(variant
     sig = {"X": "*bf16", "NW": "*bf16", "W": "*bf16", "R": "*bf16", "Y": "*bf16", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32", "stride_rm": "i32", "eps": "fp32"}
     names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "NORM", "SWIGLU", "RESIDUAL", "EVEN_N", "EVEN_K", "UPCAST",
-                         "PRECISION", "RNE_BF16"]
+                         "PRECISION", "RNE_BF16", "PRE_K"]
     sig.update({n: "constexpr" for n in names[len(sig):]})
     aligned = ("X", "NW", "W", "R", "Y", "N", "K", "stride_xm", "stride_wn", "stride_rm")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     bn, bk, warps, stages = tile
     consts = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NORM=norm, SWIGLU=swiglu, RESIDUAL=residual, EVEN_N=True,
-                  EVEN_K=True, UPCAST=False, PRECISION="tf32", RNE_BF16=False)
+                  EVEN_K=True, UPCAST=False, PRECISION="tf32", RNE_BF16=False,
+                  PRE_K=L.NORM_PRE_K)
     k = L.triton.compile(ASTSource(L._fused_linear_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
     loads = 2 + norm + swiglu  # w, x (gate), norm weight, up

@@ -352,8 +352,9 @@ def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 #
 # Rounding, step by step as the eager stage functions (graphs._rms, fused_add_rms_norm, fused_swiglu):
 # * norm prologue: h = bf16(nw * bf16(x * rstd)), rstd = rsqrt(mean(x^2) + eps) in fp32, per row. Each
-#   program computes its rows' rstd in a pre-pass over x (M x K from L2: 64 KB at M = 8, K = 4096)
-#   before the K loop, so the A operand is the very bf16 h the eager norm produces. Only the row sum
+#   program computes its rows' rstd in a pre-pass over x (M x K from L2: 64 KB at M = 8, K = 4096;
+#   NORM_PRE_K-wide tiles, two in flight, ~0.5-1 us per program, partly hidden behind co-resident
+#   programs' weight streams) before the K loop, so the A operand is the very bf16 h the eager norm produces. Only the row sum
 #   of squares is summed in another order than torch's, which can move rstd by an fp32 ulp (and so,
 #   rarely, one element of h by a bf16 ulp); with an exactly summable x it is bit-exact (tests).
 # * residual epilogue: y = bf16(r + bf16(acc)), the GEMM output rounded first, then the add, as
@@ -366,6 +367,7 @@ def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 # The `*_reference` functions below are the specification.
 
 FUSED_DEFAULT = Config(64, 128, 1, 4, 4)
+NORM_PRE_K = 512  # width of the norm pre-pass tiles (x columns per load; two loads in flight)
 
 
 if triton is not None:
@@ -385,7 +387,7 @@ if triton is not None:
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                           EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr, RNE_BF16: tl.constexpr):
+                          PRECISION: tl.constexpr, RNE_BF16: tl.constexpr, PRE_K: tl.constexpr):
         """Program (column block): Y[m, n] = (R[m, n] +) sum_k W[n, k] A[m, k], A = the prologue of X:
         NORM: rmsnorm(X) * NW; SWIGLU: silu(X[:, :K]) * X[:, K:2K]; neither: X. Every rounding to
         the 16-bit dtype goes through _round (RNE_BF16: the interpreter's fp32 -> bf16 cast truncates)."""
@@ -396,13 +398,18 @@ if triton is not None:
         n_ok = offs_n < N
         m_ok = offs_m < M
         dt = X.dtype.element_ty
-        if NORM:  # pre-pass: the rows' 1 / rms in fp32 (x from L2; padded rows read 0)
+        if NORM:
+            # Pre-pass: the rows' 1 / rms in fp32 over x (from L2; padded rows read nothing). PRE_K-wide
+            # tiles, the next one loaded before this one is reduced: two tiles in flight per program.
+            offs_p = tl.arange(0, PRE_K)
+            p_ptrs = X + offs_m[:, None] * stride_xm + offs_p[None, :]
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start in range(0, K, BLOCK_K):
-                k_ok = (start + offs_k) < K
-                xs = tl.load(X + offs_m[:, None] * stride_xm + (start + offs_k)[None, :],
-                             mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xs * xs, axis=1)
+            xs = tl.load(p_ptrs, mask=m_ok[:, None] & (offs_p < K)[None, :], other=0.0)
+            for start in range(PRE_K, K + PRE_K, PRE_K):
+                nxt = tl.load(p_ptrs + start, mask=m_ok[:, None] & ((start + offs_p) < K)[None, :], other=0.0)
+                xf = xs.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                xs = nxt
             rstd = tl.math.rsqrt(ss / K + eps)
         w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -526,7 +533,8 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
         BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, NORM=norm_weight is not None,
         SWIGLU=bool(swiglu), RESIDUAL=r2 is not None, EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0,
         UPCAST=upcast, PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-        RNE_BF16=_interpreting() and x2.dtype == torch.bfloat16, num_warps=c.num_warps, num_stages=c.num_stages)
+        RNE_BF16=_interpreting() and x2.dtype == torch.bfloat16, PRE_K=min(NORM_PRE_K, triton.next_power_of_2(k)),
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return y.reshape(*x.shape[:-1], n)
 
 
