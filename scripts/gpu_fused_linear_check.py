@@ -12,8 +12,8 @@ LM shapes (hidden 4096, 36 layers, q|k|v 6144 x 4096, o 4096 x 4096, gate|up 245
    graphs.fused_swiglu and the eager bf16 chain, the residual epilogue against r + a (reported as the
    fraction of differing elements; > 1% is a failure for the norm, informational for SwiGLU).
 2. The whole decoder stack without attention (attend() returns a fixed tensor), through the real
-   graphs._decoder_stack: fused vs unfused output (rel L2), and that the fused run made 4 fused calls
-   per layer.
+   graphs._decoder_stack: fused vs unfused output and both vs the stack with every fused_linear call
+   replaced by fused_linear_reference (rel L2), and that the fused run made 4 fused calls per layer.
 3. Timing from CUDA graphs of the whole stack (all layers, distinct weights: 14 GB at 36 layers, so
    every weight comes from HBM), per layer: unfused (rmsnorm + qkv + o + add_rmsnorm + gate|up +
    swiglu + down, the residual add fused into the next norm), fused (4 fused GEMMs), and the four
@@ -225,8 +225,10 @@ def main() -> None:
             eager = graphs._rms(x, ln.weight, ln.eps)
             fc, fe = float((h != compiled).float().mean()), float((h != eager).float().mean())
             RESULTS["checks"][f"norm prologue bits M={m}"] = dict(vs_compiled=fc, vs_eager=fe)
-            report(f"norm prologue M={m}: differs from compiled fused_rms_norm in {fc:.2%}, eager _rms in {fe:.2%}"
-                   " of elements", fc < 0.01)
+            # the claim: the eager _rms's h (two roundings); the compiled one is reported (inductor may
+            # elide the intermediate bf16 cast, see torch._inductor.config.emulate_precision_casts)
+            report(f"norm prologue M={m}: differs from eager _rms in {fe:.2%}, compiled fused_rms_norm in {fc:.2%}"
+                   " of elements", fe < 0.01)
             a, r = torch.randn(1, m, hid, device=DEV, dtype=DTYPE), torch.randn(1, m, hid, device=DEV, dtype=DTYPE)
             same = torch.equal(L.fused_linear(a, eye, residual=r), r + a)
             report(f"residual epilogue M={m}: bf16(r + bf16(a @ I)) == r + a bit for bit: {same}", same)
@@ -282,11 +284,19 @@ def main() -> None:
             finally:
                 L.fused_linear = real
             hu = stack(False)
-            err = rel_l2(hf, hu)
+            L.fused_linear = L.fused_linear_reference  # the specification, call by call (fp32 GEMMs)
+            try:
+                hs = stack(True)
+            finally:
+                L.fused_linear = real
+            err, es, eu = rel_l2(hf, hu), rel_l2(hf, hs), rel_l2(hu, hs)
             RESULTS["stack"][f"M={m} fused_vs_unfused_rel_l2"] = err
-            ok = err < 2e-2 and len(calls) == 4 * len(layers) and not hf.isnan().any()
-            report(f"stack M={m}: fused vs unfused rel L2 {err:.1e} over {len(layers)} layers, "
-                   f"{len(calls)} fused calls (want {4 * len(layers)})", ok)
+            RESULTS["stack"][f"M={m} fused_vs_spec_rel_l2"] = es
+            RESULTS["stack"][f"M={m} unfused_vs_spec_rel_l2"] = eu
+            ok = es < 2e-2 and err < 5e-2 and len(calls) == 4 * len(layers) and not hf.isnan().any()
+            report(f"stack M={m} over {len(layers)} layers: rel L2 fused vs unfused {err:.1e}, fused vs reference "
+                   f"stack {es:.1e} (unfused vs reference {eu:.1e}); {len(calls)} fused calls (want {4 * len(layers)})",
+                   ok)
 
         for name, fn in (("unfused", lambda: stack(False)), ("fused", lambda: stack(True)), ("gemms only", gemms_only)):
             @guarded(f"stack timing {name} M={m}")

@@ -20,7 +20,9 @@ Three layers, each usable alone:
    [B, kv, N, D]) so keys/values are read once per kv head and no repeat_kv copy is made; per shape,
    SDPA or plain GEMM attention is picked by timing both once. The elementwise chains between the
    GEMMs (RMSNorm, residual add + norm, q/k norm + rotary, SwiGLU, masked softmax, vision rotary) are
-   single torch.compile'd kernels on CUDA and plain PyTorch elsewhere.
+   single torch.compile'd kernels on CUDA and plain PyTorch elsewhere. With few rows (LM verify /
+   decode, <= FUSED_LAYER_ROWS) and the kernels usable, the norms, SwiGLU and residual adds run inside
+   the GEMMs instead (linear_kernel.fused_linear, `_decoder_stack_fused`; `set_fused_layers`).
 
 3. `StageGraph`: static input buffers, warm-up on a side stream, one `torch.cuda.CUDAGraph` capture,
    then per call copy inputs -> replay -> static outputs. On the CPU (or with `enabled=False`) the

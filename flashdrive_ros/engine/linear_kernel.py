@@ -31,6 +31,10 @@ strides and the split chunk % 16): true for every model weight (also row slices 
 K * 2 bytes per row). Other shapes stay correct but unpipelined.
 
 `skinny_linear_reference` is the specification: F.linear in fp32, cast back.
+
+`fused_linear` (second half of this file) is the same kernel structure, split_k 1, with a decoder
+layer's elementwise neighbours folded in (RMSNorm or SwiGLU prologue, residual-add epilogue) for the
+few-row layers of graphs._decoder_stack_fused; `fused_linear_reference` is its specification.
 """
 
 from __future__ import annotations
