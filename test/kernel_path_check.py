@@ -36,13 +36,13 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_(noise + 1.0 if "norm" in name and p.dim() == 1 else noise)
 
 
-def _cache(cfg, max_len: int, seed: int) -> StaticKVCache:
+def _cache(cfg, max_len: int, seed: int, dtype: torch.dtype = torch.float32) -> StaticKVCache:
     ids = torch.zeros(max_len - 30, dtype=torch.long)
     ids[5:13] = 7
     ids[20:28] = 7
     pos, _ = rope_index(ids, torch.tensor([[1, 4, 8], [1, 4, 8]]), 7, 2)
     pos = extend_positions(pos, max_len)
-    c = StaticKVCache.for_config(cfg.text, 1, max_len, pos)
+    c = StaticKVCache.for_config(cfg.text, 1, max_len, pos, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     c.k.copy_(torch.randn(c.k.shape, generator=g))  # stale garbage: must be masked, never read
     c.v.copy_(torch.randn(c.v.shape, generator=g))

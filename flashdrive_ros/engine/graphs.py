@@ -20,7 +20,9 @@ Three layers, each usable alone:
    [B, kv, N, D]) so keys/values are read once per kv head and no repeat_kv copy is made; per shape,
    SDPA or plain GEMM attention is picked by timing both once. The elementwise chains between the
    GEMMs (RMSNorm, residual add + norm, q/k norm + rotary, SwiGLU, masked softmax, vision rotary) are
-   single torch.compile'd kernels on CUDA and plain PyTorch elsewhere.
+   single torch.compile'd kernels on CUDA and plain PyTorch elsewhere. With few rows (LM verify /
+   decode, <= FUSED_LAYER_ROWS) and the kernels usable, the norms, SwiGLU and residual adds run inside
+   the GEMMs instead (linear_kernel.fused_linear, `_decoder_stack_fused`; `set_fused_layers`).
 
 3. `StageGraph`: static input buffers, warm-up on a side stream, one `torch.cuda.CUDAGraph` capture,
    then per call copy inputs -> replay -> static outputs. On the CPU (or with `enabled=False`) the
@@ -395,12 +397,18 @@ def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
 
 def _qkv(attn: Attention, h: torch.Tensor):
     """Projections of normed h [B, Q, H] -> q [B, Q, heads, D], k/v [B, Q, kv, D] (views)."""
-    b, n, _ = h.shape
-    nq, nkv = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
     if hasattr(attn, "qkv_weight"):
-        q, k, v = linear(h, attn.qkv_weight, attn.qkv_bias).split([nq, nkv, nkv], dim=-1)
-    else:
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        return _split_qkv(attn, linear(h, attn.qkv_weight, attn.qkv_bias))
+    b, n, _ = h.shape
+    return (attn.q_proj(h).view(b, n, attn.n_heads, attn.head_dim), attn.k_proj(h).view(b, n, attn.n_kv, attn.head_dim),
+            attn.v_proj(h).view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2))
+
+
+def _split_qkv(attn: Attention, qkv: torch.Tensor):
+    """The fused q|k|v projection output [B, Q, (heads + 2 kv) * D] -> q, k, v as _qkv returns them."""
+    b, n, _ = qkv.shape
+    nq, nkv = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
+    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
     return (q.view(b, n, attn.n_heads, attn.head_dim), k.view(b, n, attn.n_kv, attn.head_dim),
             v.view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2))
 
@@ -415,7 +423,12 @@ def _mlp(mlp: MLP, h: torch.Tensor) -> torch.Tensor:
 def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, capture_layers=(),
                    deepstack=None, vis_idx=None):
     """Pre-norm decoder layers with the residual adds fused into the following norm.
-    attend(i, attn, q, k, v) -> attention output [B, heads, Q, D] (q/k given raw from the projection)."""
+    attend(i, attn, q, k, v) -> attention output [B, heads, Q, D] (q/k given raw from the projection).
+    Few rows with the kernels usable: _decoder_stack_fused (the norms, SwiGLU and residual adds inside
+    the GEMMs)."""
+    lk = _fused_layer_kernels(x)
+    if lk is not None and any(_fusable(layer, x) for layer in layers):
+        return _decoder_stack_fused(lk, layers, final_norm, x, attend, capture_layers, deepstack, vis_idx)
     captured: dict[int, torch.Tensor] = {}
     n = len(layers)
     h = fused_rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
@@ -437,6 +450,77 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
         else:
             x, h = fused_add_rms_norm(x, m, nxt.weight, nxt.eps)
     return h, captured
+
+
+# --------------------------------------------------------------------------- fused few-row layers
+# With few rows (LM verify: 8, decode: 1) every GEMM streams its weight from HBM and does almost no
+# arithmetic, while each standalone elementwise kernel between them (RMSNorm ~2.8 us, add + RMSNorm,
+# SwiGLU ~1.7 us on an H100) costs its time plus a launch gap. linear_kernel.fused_linear folds them
+# into the GEMMs, so a layer is four GEMM kernels plus attention:
+#
+#     q|k|v = rmsnorm(x; input_layernorm) @ Wqkv^T          norm prologue
+#     x     = x + attention(...) @ Wo^T                      residual epilogue
+#     g|u   = rmsnorm(x; post_attention_layernorm) @ Wgu^T   norm prologue
+#     x     = x + (silu(g) * u) @ Wdown^T                    swiglu prologue + residual epilogue
+#
+# and the stack ends with final_norm(x). Same function as the unfused path, same roundings as its
+# compiled GPU form (see linear_kernel's notes; eager CPU SwiGLU on bf16 rounds twice).
+FUSED_LAYER_ROWS = 16
+_FUSED_LAYERS = {"enabled": True}
+
+
+def set_fused_layers(enabled: bool) -> None:
+    """Switch the fused few-row decoder layers on/off (set_kernels(False) switches them off as well)."""
+    _FUSED_LAYERS["enabled"] = bool(enabled)
+
+
+def _fused_layer_kernels(x: torch.Tensor):
+    """linear_kernel when x's rows may run as fused layers (<= FUSED_LAYER_ROWS, kernels usable), else None."""
+    if not _FUSED_LAYERS["enabled"] or x.dim() != 3 or x.shape[0] * x.shape[1] > FUSED_LAYER_ROWS:
+        return None
+    lk = _kernel_module("linear_kernel", x)
+    if lk is not None and x.is_cuda:
+        _load_shipped_tuning(lk, x.device)  # fused_config prefers the shape's split_k 1 record
+    return lk
+
+
+def _fusable(layer, x: torch.Tensor) -> bool:
+    """A layer with fused q|k|v and gate|up buffers, no biases, RMSNorms, weights in x's dtype."""
+    attn, mlp = layer.self_attn, layer.mlp
+    ln, pn = layer.input_layernorm, layer.post_attention_layernorm
+    ws = (getattr(attn, "qkv_weight", None), attn.o_proj.weight, getattr(mlp, "gate_up_weight", None),
+          mlp.down_proj.weight, getattr(ln, "weight", None), getattr(pn, "weight", None))
+    return (all(w is not None and w.dtype == x.dtype for w in ws) and getattr(attn, "qkv_bias", None) is None
+            and attn.o_proj.bias is None and mlp.down_proj.bias is None
+            and hasattr(ln, "eps") and hasattr(pn, "eps") and not hasattr(ln, "bias") and not hasattr(pn, "bias"))
+
+
+def _decoder_stack_fused(lk, layers, final_norm, x: torch.Tensor, attend: Callable, capture_layers=(),
+                         deepstack=None, vis_idx=None):
+    """_decoder_stack with each fusable layer as four fused GEMMs (see above); x stays the un-normed
+    residual stream between layers (each layer's first GEMM applies its norm). A layer that is not
+    fusable runs the unfused ops with its own norms."""
+    captured: dict[int, torch.Tensor] = {}
+    b, q_len, _ = x.shape
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        ln, pn = layer.input_layernorm, layer.post_attention_layernorm
+        if _fusable(layer, x):
+            q, k, v = _split_qkv(attn, lk.fused_linear(x, attn.qkv_weight, norm_weight=ln.weight, eps=ln.eps))
+            o = attend(i, attn, q, k, v)
+            x = lk.fused_linear(o.transpose(1, 2).reshape(b, q_len, attn.n_heads * attn.head_dim), attn.o_proj.weight,
+                                residual=x)
+            gu = lk.fused_linear(x, mlp.gate_up_weight, norm_weight=pn.weight, eps=pn.eps)
+            x = lk.fused_linear(gu, mlp.down_proj.weight, swiglu=True, residual=x)
+        else:
+            q, k, v = _qkv(attn, fused_rms_norm(x, ln.weight, ln.eps))
+            x, h2 = fused_add_rms_norm(x, _out_proj(attn, attend(i, attn, q, k, v)), pn.weight, pn.eps)
+            x = x + _mlp(mlp, h2)
+        if i in capture_layers:
+            captured[i] = x
+        if deepstack is not None and i < len(deepstack):
+            x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(x.shape[0], -1, -1))
+    return fused_rms_norm(x, final_norm.weight, final_norm.eps), captured
 
 
 # ------------------------------------------------------------------------------- Triton kernels
@@ -823,4 +907,5 @@ __all__ = [
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
     "drafter_forward", "linear", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "set_fused_layers", "FUSED_LAYER_ROWS",
 ]

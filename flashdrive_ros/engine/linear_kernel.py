@@ -31,6 +31,10 @@ strides and the split chunk % 16): true for every model weight (also row slices 
 K * 2 bytes per row). Other shapes stay correct but unpipelined.
 
 `skinny_linear_reference` is the specification: F.linear in fp32, cast back.
+
+`fused_linear` (second half of this file) is the same kernel structure, split_k 1, with a decoder
+layer's elementwise neighbours folded in (RMSNorm or SwiGLU prologue, residual-add epilogue) for the
+few-row layers of graphs._decoder_stack_fused; `fused_linear_reference` is its specification.
 """
 
 from __future__ import annotations
@@ -335,3 +339,230 @@ def clear_tuned() -> None:
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The specification: F.linear in fp32, cast back to x's dtype."""
     return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+# =========================================================================================
+# Fused few-row layers: the elementwise neighbours of a decoder layer's GEMMs folded into them
+# =========================================================================================
+#
+#     y = fused_linear(x, w, norm_weight=nw, eps=eps)          # rmsnorm(x) @ w^T      (qkv, gate|up)
+#     y = fused_linear(a, w, residual=r)                        # r + a @ w^T           (o_proj)
+#     y = fused_linear(gu, w, swiglu=True, residual=r)          # r + swiglu(gu) @ w^T  (down_proj)
+#
+# With M = 8 rows the GEMMs stream their weight from HBM and do almost no arithmetic, so the RMSNorm,
+# the SwiGLU and the residual add cost next to nothing inside them, where standalone they are a kernel
+# (and a launch gap) each. Same structure as _skinny_linear_fwd (one program per BLOCK_N weight rows,
+# all M rows, the transposed dot), split_k 1 only (no partials: the epilogue needs the whole sum).
+#
+# Rounding, step by step as the eager stage functions (graphs._rms, fused_add_rms_norm, fused_swiglu):
+# * norm prologue: h = bf16(nw * bf16(x * rstd)), rstd = rsqrt(mean(x^2) + eps) in fp32, per row. Each
+#   program computes its rows' rstd in a pre-pass over x (M x K from L2: 64 KB at M = 8, K = 4096;
+#   NORM_PRE_K-wide tiles, two in flight, ~0.5-1 us per program, partly hidden behind co-resident
+#   programs' weight streams) before the K loop, so the A operand is the very bf16 h the eager norm produces. Only the row sum
+#   of squares is summed in another order than torch's, which can move rstd by an fp32 ulp (and so,
+#   rarely, one element of h by a bf16 ulp); with an exactly summable x it is bit-exact (tests).
+# * residual epilogue: y = bf16(r + bf16(acc)), the GEMM output rounded first, then the add, as
+#   `x + linear(...)` in eager.
+# * swiglu prologue: a = bf16(silu(g) * u) computed in fp32 and rounded once, as the torch.compile'd
+#   graphs.fused_swiglu on CUDA does (inductor keeps the chain in fp32). The eager CPU fallback
+#   F.silu(g) * u on bf16 tensors rounds twice (after silu, after the product): it differs from this
+#   (and from the GPU path) by up to a bf16 ulp in some elements. exp/sigmoid implementations differ
+#   by fp32 ulps as well, so this prologue is matched to a tolerance, not bitwise.
+# The `*_reference` functions below are the specification.
+
+FUSED_DEFAULT = Config(64, 128, 1, 4, 4)
+NORM_PRE_K = 512  # width of the norm pre-pass tiles (x columns per load; two loads in flight)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, dt: tl.constexpr, RNE_BF16: tl.constexpr):
+        """fp32 x -> dt, round to nearest even. Triton's interpreter truncates fp32 -> bf16 casts (the
+        GPU rounds): with RNE_BF16 the rounding is done on the bits first, so the cast is exact."""
+        if RNE_BF16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+        return x.to(dt)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _fused_linear_fwd(X, NW, W, R, Y, M, N, K, stride_xm, stride_wn, stride_rm, eps,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr, RNE_BF16: tl.constexpr, PRE_K: tl.constexpr):
+        """Program (column block): Y[m, n] = (R[m, n] +) sum_k W[n, k] A[m, k], A = the prologue of X:
+        NORM: rmsnorm(X) * NW; SWIGLU: silu(X[:, :K]) * X[:, K:2K]; neither: X. Every rounding to
+        the 16-bit dtype goes through _round (RNE_BF16: the interpreter's fp32 -> bf16 cast truncates)."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        dt = X.dtype.element_ty
+        if NORM:
+            # Pre-pass: the rows' 1 / rms in fp32 over x (from L2; padded rows read nothing). PRE_K-wide
+            # tiles, the next one loaded before this one is reduced: two tiles in flight per program.
+            offs_p = tl.arange(0, PRE_K)
+            p_ptrs = X + offs_m[:, None] * stride_xm + offs_p[None, :]
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            xs = tl.load(p_ptrs, mask=m_ok[:, None] & (offs_p < K)[None, :], other=0.0)
+            for start in range(PRE_K, K + PRE_K, PRE_K):
+                nxt = tl.load(p_ptrs + start, mask=m_ok[:, None] & ((start + offs_p) < K)[None, :], other=0.0)
+                xf = xs.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                xs = nxt
+            rstd = tl.math.rsqrt(ss / K + eps)
+        w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x_mask = m_ok[:, None]
+                if EVEN_N:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = (start + offs_k) < K
+                x_mask = m_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            if NORM:
+                if EVEN_K:
+                    nw = tl.load(NW + start + offs_k)
+                else:
+                    nw = tl.load(NW + start + offs_k, mask=(start + offs_k) < K, other=0.0)
+                xn = _round(x.to(tl.float32) * rstd[:, None], dt, RNE_BF16)
+                x = _round(nw.to(tl.float32)[None, :] * xn.to(tl.float32), dt, RNE_BF16)
+            if SWIGLU:
+                g = x.to(tl.float32)
+                u = tl.load(x_ptrs + K, mask=x_mask, other=0.0).to(tl.float32)
+                x = _round(g * tl.sigmoid(g) * u, dt, RNE_BF16)
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        y = _round(acc, Y.dtype.element_ty, RNE_BF16)
+        if RESIDUAL:
+            r = tl.load(R + offs_m[None, :] * stride_rm + offs_n[:, None], mask=out_mask, other=0.0)
+            y = _round(y.to(tl.float32) + r.to(tl.float32), Y.dtype.element_ty, RNE_BF16)
+        tl.store(Y + offs_m[None, :] * N + offs_n[:, None], y, mask=out_mask)
+
+
+def _fused_smem(c: Config, m: int, elt: int, swiglu: bool) -> int:
+    """Pipeline buffers of the fused kernel per stage: the weight tile, one (swiglu: two) x tiles and a
+    row of norm weight (counted always: a bound)."""
+    return c.num_stages * (c.block_n + (2 if swiglu else 1) * block_m(m) + 1) * c.block_k * elt
+
+
+def fused_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, sms: int,
+                 swiglu: bool = False) -> Config:
+    """The fused kernel's launch config for an [m, k] x [n, k]^T GEMM: the shape's cached plain
+    skinny_linear choice (tuned or loaded from a shipped record) when it is split_k 1 and fits, else
+    the best split_k 1 candidate by the same heuristic as default_config. A dict lookup: never times
+    anything (capture-safe)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    dev = device.index if device.type == "cuda" else -1
+    t = _TUNED.get((dev, str(dtype)[6:], m, n, k, False))
+    if t is not None and t.config.split_k == 1 and _fused_smem(t.config, m, elt, swiglu) <= SMEM_BYTES:
+        return t.config
+    ones = [c for c in candidates(m, n, k, sms, elt) if c.split_k == 1 and _fused_smem(c, m, elt, swiglu) <= SMEM_BYTES]
+    if FUSED_DEFAULT in ones:
+        return FUSED_DEFAULT
+    if ones:
+        return ones[0]
+    fit = [c for c in CONFIGS if c.split_k == 1 and _fused_smem(c, m, elt, swiglu) <= SMEM_BYTES]
+    most = max(_programs(c, n, k) for c in fit)  # narrow N: the config with the most programs
+    return next(c for c in fit if _programs(c, n, k) == most)
+
+
+def _fused_supported(x2: torch.Tensor, w: torch.Tensor, k: int, norm_weight, residual) -> bool:
+    m = x2.shape[0]
+    return (available(x2) and x2.dtype in DTYPES and w.dtype == x2.dtype and w.dim() == 2
+            and w.device == x2.device and w.stride(1) == 1 and w.stride(0) >= w.shape[1] and w.shape[1] == k
+            and 0 < m <= MAX_ROWS and w.shape[0] > 0 and k > 0
+            and (norm_weight is None or (norm_weight.shape == (k,) and norm_weight.dtype == x2.dtype
+                                         and norm_weight.device == x2.device))
+            and (residual is None or (residual.dtype == x2.dtype and residual.device == x2.device)))
+
+
+def fused_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 swiglu: bool = False, residual: torch.Tensor | None = None,
+                 config: Config | None = None) -> torch.Tensor:
+    """One few-row linear layer with its elementwise neighbours, = fused_linear_reference:
+
+        A = rms_norm_reference(x, norm_weight, eps)   if norm_weight is given  (x [..., K])
+          = swiglu_reference(x)                        if swiglu               (x [..., 2K]: gate | up)
+          = x                                          otherwise
+        y = A @ w^T  (fp32 accumulation, rounded to x's dtype),  then  y = residual + y  if given
+
+    w [N, K] with unit column stride (row slices of fused buffers are fine); x, w, norm_weight and
+    residual ([..., N]) of one dtype; no bias. `config` forces a launch config (split_k must be 1);
+    otherwise fused_config picks one without timing, so every call is capturable. Where the kernel
+    cannot run (no Triton / CPU without the interpreter, > MAX_ROWS rows, mixed dtypes), the reference
+    composition runs instead."""
+    if norm_weight is not None and swiglu:
+        raise ValueError("fused_linear: norm_weight and swiglu are exclusive prologues")
+    if config is not None and config.split_k != 1:
+        raise ValueError(f"fused_linear needs a split_k 1 config, got {config}")
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    n = w.shape[0]
+    r2 = None
+    if residual is not None:
+        if residual.shape != (*x.shape[:-1], n):
+            raise ValueError(f"fused_linear: residual {tuple(residual.shape)} for output {(*x.shape[:-1], n)}")
+        r2 = residual.reshape(-1, n)
+        if r2.stride(1) != 1:
+            r2 = r2.contiguous()
+    if (swiglu and x.shape[-1] % 2) or not _fused_supported(x2, w, k, norm_weight, residual):
+        return fused_linear_reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
+    m = x2.shape[0]
+    if config is None:
+        config = fused_config(m, n, k, x2.dtype, x2.device, sm_count(x2), swiglu)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    upcast = _interpreting() and x2.dtype != torch.float32
+    c = config
+    _fused_linear_fwd[(_cdiv(n, c.block_n),)](
+        x2, norm_weight if norm_weight is not None else w, w, r2 if r2 is not None else y, y,
+        m, n, k, x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else n, float(eps),
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, NORM=norm_weight is not None,
+        SWIGLU=bool(swiglu), RESIDUAL=r2 is not None, EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0,
+        UPCAST=upcast, PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
+        RNE_BF16=_interpreting() and x2.dtype == torch.bfloat16, PRE_K=min(NORM_PRE_K, triton.next_power_of_2(k)),
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """graphs._rms / text_model.RMSNorm: normalise in fp32, round to x's dtype, then scale (rounded)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def swiglu_reference(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over gu = gate | up (graphs.fused_swiglu's chunking), in fp32, rounded once
+    (the compiled GPU path; the eager bf16 F.silu(g) * u rounds twice)."""
+    g, u = gu.float().chunk(2, dim=-1)
+    return (F.silu(g) * u).to(gu.dtype)
+
+
+def fused_linear_reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                           eps: float = 1e-6, swiglu: bool = False,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification of fused_linear: prologue, fp32 GEMM rounded to x's dtype, then the residual
+    add (a second rounding, as `residual + linear(...)` in eager)."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    elif swiglu:
+        x = swiglu_reference(x)
+    y = skinny_linear_reference(x, w)
+    return y if residual is None else residual + y
