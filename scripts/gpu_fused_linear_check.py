@@ -258,11 +258,12 @@ def main() -> None:
             return attn_out.transpose(1, 2)  # [B, heads, Q, D] view, as the attention kernel path returns
 
         def stack(fused: bool):
+            before = graphs._FUSED_LAYERS["enabled"]
             graphs.set_fused_layers(fused)
             try:
                 return graphs._decoder_stack(layers, final, x, attend)[0]
             finally:
-                graphs.set_fused_layers(True)
+                graphs.set_fused_layers(before)
 
         def gemms_only():
             out = None

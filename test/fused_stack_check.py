@@ -58,6 +58,7 @@ _REAL_FUSED_LINEAR = L.fused_linear
 def _fast(fn, fused: bool, spec: bool = False):
     """fn() with the fused layers on/off; spec: fused_linear replaced by fused_linear_reference
     (otherwise each fused_linear call is compared with its reference on the same inputs: CALLS)."""
+    before = graphs._FUSED_LAYERS["enabled"]
     graphs.set_fused_layers(fused)
     real = L.fused_linear
     L.fused_linear = L.fused_linear_reference if spec else _checked
@@ -66,7 +67,7 @@ def _fast(fn, fused: bool, spec: bool = False):
         out = fn()
     finally:
         L.fused_linear = real
-        graphs.set_fused_layers(True)
+        graphs.set_fused_layers(before)
     return out, list(LAUNCHES)
 
 
@@ -76,7 +77,10 @@ def run() -> dict:
     cfg = tiny_config()
     H, n_layers = cfg.text.hidden_size, cfg.text.num_hidden_layers
     L._fused_linear_fwd = _CountLaunches(L._fused_linear_fwd)
-    res: dict = {"kernels": float(graphs._fused_layer_kernels(torch.zeros(1, 8, H)) is not None),
+    graphs.set_fused_layers(True)  # off by default (graphs._FUSED_LAYERS): is the kernel usable here?
+    usable = graphs._fused_layer_kernels(torch.zeros(1, 8, H)) is not None
+    graphs.set_fused_layers(False)
+    res: dict = {"kernels": float(usable),
                  "layers": n_layers}
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):

@@ -466,7 +466,11 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
 # and the stack ends with final_norm(x). Same function as the unfused path, same roundings as its
 # compiled GPU form (see linear_kernel's notes; eager CPU SwiGLU on bf16 rounds twice).
 FUSED_LAYER_ROWS = 16
-_FUSED_LAYERS = {"enabled": True}
+# Off by default: on an H100 (scripts/gpu_fused_linear_check.py, docs/bench/fused_linear_h100.json) the
+# fused layer stack (36 layers, M = 8, no attention) took 7.35 ms against 5.43 ms unfused: the norm
+# pre-pass costs each qkv / gate|up program ~6 / ~15 us before its weight stream starts, and the SwiGLU
+# prologue doubled the down GEMM (74.3 against 37.5 us); the kernels it saves cost ~7 us per layer.
+_FUSED_LAYERS = {"enabled": False}
 
 
 def set_fused_layers(enabled: bool) -> None:
