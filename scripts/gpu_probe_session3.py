@@ -310,11 +310,12 @@ def probe_vision_kernel() -> dict:
 
 # ------------------------------------------------------------- 4. few-rows attention (two-kernel merge)
 
-def probe_few_rows(budget_s: float = 150.0) -> dict:
+def probe_few_rows(budget_s: float = 150.0, fused_top: int = 0, only_default: bool = False) -> dict:
     """Two-kernel slot_attention configs at decode / verify / action rows, K/V rotated over 8 layers
     of a 3 136-slot cache (from HBM), 3 057 valid keys. Per case: the default plan and a sweep."""
     import itertools
     import time
+    from dataclasses import replace
     t0 = time.perf_counter()
     KV, N, VALID, LAYERS = 8, 3136, 3057, 8
     kc = torch.randn(LAYERS, 1, KV, N + 16, 128, device=DEV, dtype=BF16)
@@ -346,7 +347,12 @@ def probe_few_rows(budget_s: float = 150.0) -> dict:
 
         p = A.plan(KV, rows, N, sms)
         timed(None, f"default bm{p.config.block_m} bn{p.config.block_n} w{p.config.num_warps} st{p.config.num_stages} sp{p.splits}")
-        bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
+        bms = [] if only_default else [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
+        if only_default:  # the default plan's tiles at neighbouring split counts
+            for sp in (p.splits - 2, p.splits - 1, p.splits, p.splits + 1, p.splits + 2):
+                if sp > 1:
+                    cfg = replace(p.config, splits=sp, fused_merge=False)
+                    timed(cfg, f"bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages} sp{A.plan(KV, rows, N, sms, cfg).splits}")
         for bm, bn, w, st, sp in itertools.product(bms, (64, 128), (4, 8), (2, 3, 4), (4, 6, 8, 9, 10, 12, 13, 16, 20, 25)):
             if time.perf_counter() - t0 > budget_s:
                 break
@@ -358,6 +364,15 @@ def probe_few_rows(budget_s: float = 150.0) -> dict:
             if label not in res:
                 timed(cfg, label)
         good = sorted(((v["us"], k) for k, v in res.items() if "us" in v and v["rel_l2"] < 1e-2))
+        if fused_top:  # the fused merge (one kernel) for the best two-kernel tiles
+            for _, label in good[:fused_top]:
+                if label.startswith("default"):
+                    continue
+                bm, bn, w, st, sp = (int(t[2:]) for t in label.split())
+                for mg in (1, 2, 4):
+                    cfg = A.Config(bm, bn, w, st, sp, fused_merge=True, merge_group=mg)
+                    timed(cfg, f"{label} fused/g{A.plan(KV, rows, N, sms, cfg).merge_group}")
+            good = sorted(((v["us"], k) for k, v in res.items() if "us" in v and v["rel_l2"] < 1e-2))
         print(name, "default:", [(k, v) for k, v in res.items() if k.startswith("default")], flush=True)
         print(name, "best 8:", [f"{u:.1f} {k}" for u, k in good[:8]], flush=True)
         out[name] = res
@@ -367,6 +382,8 @@ def probe_few_rows(budget_s: float = 150.0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fused-top", type=int, default=0, help="few_rows: also time the fused merge for the best N tiles")
+    ap.add_argument("--only-default", action="store_true", help="few_rows: the default plan's tiles only (no sweep)")
     ap.add_argument("--only", nargs="*", choices=("vision", "prefetch", "vision_kernel", "few_rows"), default=None)
     args = ap.parse_args()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
@@ -378,7 +395,7 @@ def main() -> None:
     if "vision_kernel" in only:
         res["vision_kernel"] = probe_vision_kernel()
     if "few_rows" in only:
-        res["few_rows"] = probe_few_rows()
+        res["few_rows"] = probe_few_rows(fused_top=args.fused_top, only_default=args.only_default)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
