@@ -368,7 +368,7 @@ def probe_few_rows(budget_s: float = 150.0, fused_top: int = 0, only_default: bo
             for _, label in good[:fused_top]:
                 if label.startswith("default"):
                     continue
-                bm, bn, w, st, sp = (int(t[2:]) for t in label.split())
+                bm, bn, w, st, sp = (int(t.lstrip("bmnwstp")) for t in label.split())
                 for mg in (1, 2, 4):
                     cfg = A.Config(bm, bn, w, st, sp, fused_merge=True, merge_group=mg)
                     timed(cfg, f"{label} fused/g{A.plan(KV, rows, N, sms, cfg).merge_group}")
