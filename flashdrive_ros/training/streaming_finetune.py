@@ -91,7 +91,7 @@ def rollout(engine: DriveEngine, samples: SampleSet, run: list[int], generator: 
         if k == len(run) - 1:
             _, _, _, n_ctx = engine._decode(logits, playout.length, generator)
             return n_ctx
-        engine.cache.shift(*engine._shift[1])  # frames 1..3 -> 0..2 for the next window
+        engine.shift(1)  # frames 1..3 -> 0..2 for the next window
         engine._last_t0 = int(samples.t0_us[i])
     raise ValueError("empty rollout")
 
