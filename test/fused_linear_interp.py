@@ -36,8 +36,9 @@ def main(cases_path: str, results_path: str) -> None:
         cfg = None if config is None else L.Config(**config)
         launched.clear()
         out = L.fused_linear(x, w, config=cfg, **kwargs)
-        results[name] = (out, [dict(block_n=k["BLOCK_N"], block_k=k["BLOCK_K"], norm=k["NORM"], swiglu=k["SWIGLU"],
-                                    residual=k["RESIDUAL"]) for k in launched])
+        results[name] = (out, [dict(block_n=k["BLOCK_N"], block_k=k["BLOCK_K"], norm=k["NORM"] or k["NORM_SCALE"],
+                                    norm_scale=k["NORM_SCALE"], swiglu=k["SWIGLU"], residual=k["RESIDUAL"])
+                               for k in launched])
     torch.save(results, results_path)
 
 

@@ -36,7 +36,7 @@ class _CountLaunches:
 
     def __getitem__(self, grid):
         def go(*args, **kw):
-            LAUNCHES.append((kw["NORM"], kw["SWIGLU"], kw["RESIDUAL"]))
+            LAUNCHES.append((kw["NORM"] or kw["NORM_SCALE"], kw["SWIGLU"], kw["RESIDUAL"]))
             return self.real[grid](*args, **kw)
         return go
 
@@ -80,7 +80,7 @@ def run() -> dict:
     graphs.set_fused_layers(True)  # off by default (graphs._FUSED_LAYERS): is the kernel usable here?
     usable = graphs._fused_layer_kernels(torch.zeros(1, 8, H)) is not None
     graphs.set_fused_layers(False)
-    res: dict = {"kernels": float(usable),
+    res: dict = {"kernels": float(usable), "swiglu_prologue": graphs.FUSED_LAYER_STYLE["swiglu_prologue"],
                  "layers": n_layers}
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):

@@ -89,6 +89,14 @@ CASES = {
                                      dict(swiglu=True, residual=_t((8, 96), 37, torch.float32)), _cfg(32, 64)),
     "default_config": lambda: (_t((8, 256), 38), _row_slice(200, 256, 39), dict(norm_weight=_norm_w(256, 40), eps=EPS),
                                None),
+    # the norm as a row scale after the GEMM (graphs.FUSED_LAYER_STYLE["norm_scale"]): no pre-pass
+    "norm_scale_n_tail_k_tail": lambda: (_t((8, 600), 46), _row_slice(200, 600, 47),
+                                         dict(norm_weight=_norm_w(600, 48), eps=EPS, norm_scale=True), _cfg(32, 128)),
+    "norm_scale_m1_residual": lambda: (_t((1, 1, 256), 49, scale=3.0), _row_slice(96, 256, 50),
+                                       dict(norm_weight=_norm_w(256, 51), eps=1e-5, norm_scale=True,
+                                            residual=_t((1, 1, 96), 52)), _cfg(32, 64)),
+    "fp32_norm_scale": lambda: (_t((8, 160), 53, torch.float32), _row_slice(96, 160, 54).float(),
+                                dict(norm_weight=_norm_w(160, 55, torch.float32), eps=EPS, norm_scale=True), _cfg(32, 64)),
 }
 
 
@@ -117,6 +125,7 @@ def _launched_once_as_specified(case, launches):
     assert len(launches) == 1, "fell back to the reference instead of launching the kernel"
     (l,) = launches
     assert (l["norm"], l["swiglu"], l["residual"]) == ("norm_weight" in kw, bool(kw.get("swiglu")), "residual" in kw)
+    assert l["norm_scale"] == bool(kw.get("norm_scale"))
     if cfg is not None:
         assert (l["block_n"], l["block_k"]) == (cfg["block_n"], cfg["block_k"])
 
@@ -134,6 +143,18 @@ def test_fused_linear_matches_its_reference(kernel, name):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(out, ref, rtol=ULP, atol=1e-3)
+
+
+def test_norm_scale_is_the_norm_prologue_up_to_bf16_rounding():
+    """The row-scale form computes the same function as norm-then-GEMM: in fp32 they agree to rounding,
+    in bf16 within the rounding of the normed row."""
+    x, w, nw = _t((8, 600), 60, torch.float32), _row_slice(64, 600, 61).float(), _norm_w(600, 62, torch.float32)
+    torch.testing.assert_close(L.rms_scale_reference(x, w, nw, EPS),
+                               L.skinny_linear_reference(L.rms_norm_reference(x, nw, EPS), w), rtol=1e-5, atol=1e-5)
+    xb, wb, nwb = x.to(BF), w.to(BF), nw.to(BF)
+    a = L.rms_scale_reference(xb, wb, nwb, EPS).float()
+    b = L.skinny_linear_reference(L.rms_norm_reference(xb, nwb, EPS), wb).float()
+    assert float((a - b).norm() / b.norm()) < 1e-2
 
 
 def test_norm_prologue_is_bitwise_the_eager_norm_when_the_row_statistic_is_exact(kernel):

@@ -471,6 +471,11 @@ FUSED_LAYER_ROWS = 16
 # pre-pass costs each qkv / gate|up program ~6 / ~15 us before its weight stream starts, and the SwiGLU
 # prologue doubled the down GEMM (74.3 against 37.5 us); the kernels it saves cost ~7 us per layer.
 _FUSED_LAYERS = {"enabled": False}
+# How a fused layer applies its pieces. norm_scale: the RMSNorm as a row scale after the qkv / gate|up GEMMs
+# (sum of squares gathered in the K loop; no pre-pass, bf16 rounding of x * w instead of the normed row);
+# False: the pre-pass prologue, bitwise the eager norm input. swiglu_prologue: SwiGLU inside the down GEMM
+# (measured 2x slower down GEMM on the H100) or its own kernel.
+FUSED_LAYER_STYLE = {"norm_scale": True, "swiglu_prologue": False}
 
 
 def set_fused_layers(enabled: bool) -> None:
@@ -510,12 +515,17 @@ def _decoder_stack_fused(lk, layers, final_norm, x: torch.Tensor, attend: Callab
         attn, mlp = layer.self_attn, layer.mlp
         ln, pn = layer.input_layernorm, layer.post_attention_layernorm
         if _fusable(layer, x):
-            q, k, v = _split_qkv(attn, lk.fused_linear(x, attn.qkv_weight, norm_weight=ln.weight, eps=ln.eps))
+            scale = FUSED_LAYER_STYLE["norm_scale"]
+            q, k, v = _split_qkv(attn, lk.fused_linear(x, attn.qkv_weight, norm_weight=ln.weight, eps=ln.eps,
+                                                       norm_scale=scale))
             o = attend(i, attn, q, k, v)
             x = lk.fused_linear(o.transpose(1, 2).reshape(b, q_len, attn.n_heads * attn.head_dim), attn.o_proj.weight,
                                 residual=x)
-            gu = lk.fused_linear(x, mlp.gate_up_weight, norm_weight=pn.weight, eps=pn.eps)
-            x = lk.fused_linear(gu, mlp.down_proj.weight, swiglu=True, residual=x)
+            gu = lk.fused_linear(x, mlp.gate_up_weight, norm_weight=pn.weight, eps=pn.eps, norm_scale=scale)
+            if FUSED_LAYER_STYLE["swiglu_prologue"]:
+                x = lk.fused_linear(gu, mlp.down_proj.weight, swiglu=True, residual=x)
+            else:
+                x = lk.fused_linear(fused_swiglu(gu), mlp.down_proj.weight, residual=x)
         else:
             q, k, v = _qkv(attn, fused_rms_norm(x, ln.weight, ln.eps))
             x, h2 = fused_add_rms_norm(x, _out_proj(attn, attend(i, attn, q, k, v)), pn.weight, pn.eps)

@@ -391,7 +391,8 @@ if triton is not None:
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                           EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr, RNE_BF16: tl.constexpr, PRE_K: tl.constexpr):
+                          PRECISION: tl.constexpr, RNE_BF16: tl.constexpr, PRE_K: tl.constexpr,
+                          NORM_SCALE: tl.constexpr):
         """Program (column block): Y[m, n] = (R[m, n] +) sum_k W[n, k] A[m, k], A = the prologue of X:
         NORM: rmsnorm(X) * NW; SWIGLU: silu(X[:, :K]) * X[:, K:2K]; neither: X. Every rounding to
         the 16-bit dtype goes through _round (RNE_BF16: the interpreter's fp32 -> bf16 cast truncates)."""
@@ -402,6 +403,8 @@ if triton is not None:
         n_ok = offs_n < N
         m_ok = offs_m < M
         dt = X.dtype.element_ty
+        if NORM_SCALE:  # the norm as a row scale after the GEMM: sum of squares gathered in the K loop
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
             # Pre-pass: the rows' 1 / rms in fp32 over x (from L2; padded rows read nothing). PRE_K-wide
             # tiles, the next one loaded before this one is reduced: two tiles in flight per program.
@@ -437,6 +440,14 @@ if triton is not None:
                     nw = tl.load(NW + start + offs_k, mask=(start + offs_k) < K, other=0.0)
                 xn = _round(x.to(tl.float32) * rstd[:, None], dt, RNE_BF16)
                 x = _round(nw.to(tl.float32)[None, :] * xn.to(tl.float32), dt, RNE_BF16)
+            if NORM_SCALE:
+                if EVEN_K:
+                    nw = tl.load(NW + start + offs_k)
+                else:
+                    nw = tl.load(NW + start + offs_k, mask=(start + offs_k) < K, other=0.0)
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                x = _round(nw.to(tl.float32)[None, :] * xf, dt, RNE_BF16)
             if SWIGLU:
                 g = x.to(tl.float32)
                 u = tl.load(x_ptrs + K, mask=x_mask, other=0.0).to(tl.float32)
@@ -447,6 +458,8 @@ if triton is not None:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if NORM_SCALE:
+            acc = acc * tl.math.rsqrt(ss / K + eps)[None, :]
         out_mask = n_ok[:, None] & m_ok[None, :]
         y = _round(acc, Y.dtype.element_ty, RNE_BF16)
         if RESIDUAL:
@@ -494,13 +507,18 @@ def _fused_supported(x2: torch.Tensor, w: torch.Tensor, k: int, norm_weight, res
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                  swiglu: bool = False, residual: torch.Tensor | None = None,
-                 config: Config | None = None) -> torch.Tensor:
+                 config: Config | None = None, norm_scale: bool = False) -> torch.Tensor:
     """One few-row linear layer with its elementwise neighbours, = fused_linear_reference:
 
         A = rms_norm_reference(x, norm_weight, eps)   if norm_weight is given  (x [..., K])
           = swiglu_reference(x)                        if swiglu               (x [..., 2K]: gate | up)
           = x                                          otherwise
         y = A @ w^T  (fp32 accumulation, rounded to x's dtype),  then  y = residual + y  if given
+
+    norm_scale=True computes the norm instead as a row scale after the GEMM (no pre-pass over x):
+        y = rsqrt(mean(x^2) + eps) * ((x * norm_weight) @ w^T)   (= rms_scale_reference)
+    the same function as the norm prologue up to where bf16 rounding happens (x * norm_weight is rounded
+    instead of the normed row), which the layers tolerate like any other bf16 rounding.
 
     w [N, K] with unit column stride (row slices of fused buffers are fine); x, w, norm_weight and
     residual ([..., N]) of one dtype; no bias. `config` forces a launch config (split_k must be 1);
@@ -524,7 +542,8 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
         if r2.stride(1) != 1:
             r2 = r2.contiguous()
     if (swiglu and x.shape[-1] % 2) or not _fused_supported(x2, w, k, norm_weight, residual):
-        return fused_linear_reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
+        return fused_linear_reference(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual,
+                                      norm_scale=norm_scale)
     m = x2.shape[0]
     if config is None:
         config = fused_config(m, n, k, x2.dtype, x2.device, sm_count(x2), swiglu)
@@ -534,7 +553,8 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
     _fused_linear_fwd[(_cdiv(n, c.block_n),)](
         x2, norm_weight if norm_weight is not None else w, w, r2 if r2 is not None else y, y,
         m, n, k, x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else n, float(eps),
-        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, NORM=norm_weight is not None,
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, NORM=norm_weight is not None and not norm_scale,
+        NORM_SCALE=norm_weight is not None and norm_scale,
         SWIGLU=bool(swiglu), RESIDUAL=r2 is not None, EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0,
         UPCAST=upcast, PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
         RNE_BF16=_interpreting() and x2.dtype == torch.bfloat16, PRE_K=min(NORM_PRE_K, triton.next_power_of_2(k)),
@@ -555,11 +575,23 @@ def swiglu_reference(gu: torch.Tensor) -> torch.Tensor:
     return (F.silu(g) * u).to(gu.dtype)
 
 
+def rms_scale_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fused_linear(norm_scale=True) before the residual: the row's 1/rms (fp32) times the fp32 GEMM of
+    the rounded x * norm_weight, rounded once to x's dtype."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xw = (xf * norm_weight.float()).to(x.dtype).float()
+    return (rstd * F.linear(xw, w.float())).to(x.dtype)
+
+
 def fused_linear_reference(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
                            eps: float = 1e-6, swiglu: bool = False,
-                           residual: torch.Tensor | None = None) -> torch.Tensor:
+                           residual: torch.Tensor | None = None, norm_scale: bool = False) -> torch.Tensor:
     """The specification of fused_linear: prologue, fp32 GEMM rounded to x's dtype, then the residual
     add (a second rounding, as `residual + linear(...)` in eager)."""
+    if norm_weight is not None and norm_scale:
+        y = rms_scale_reference(x, w, norm_weight, eps)
+        return y if residual is None else residual + y
     if norm_weight is not None:
         x = rms_norm_reference(x, norm_weight, eps)
     elif swiglu:
