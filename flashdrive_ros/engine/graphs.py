@@ -466,10 +466,13 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
 # and the stack ends with final_norm(x). Same function as the unfused path, same roundings as its
 # compiled GPU form (see linear_kernel's notes; eager CPU SwiGLU on bf16 rounds twice).
 FUSED_LAYER_ROWS = 16
-# Off by default: on an H100 (scripts/gpu_fused_linear_check.py, docs/bench/fused_linear_h100.json) the
-# fused layer stack (36 layers, M = 8, no attention) took 7.35 ms against 5.43 ms unfused: the norm
-# pre-pass costs each qkv / gate|up program ~6 / ~15 us before its weight stream starts, and the SwiGLU
-# prologue doubled the down GEMM (74.3 against 37.5 us); the kernels it saves cost ~7 us per layer.
+# Off by default: on an H100 (scripts/gpu_fused_linear_check.py) the fused layer stack (36 layers, M = 8,
+# no attention) is slower than the unfused one in both styles below. Norm pre-pass + SwiGLU prologue
+# (docs/bench/fused_linear_h100.json): 7.35 ms against 5.43 ms; the pre-pass costs each qkv / gate|up
+# program ~6 / ~15 us before its weight stream starts, and the SwiGLU prologue doubled the down GEMM
+# (74.3 against 37.5 us). Norm as a row scale, SwiGLU apart (docs/bench/fused_linear_rowscale_h100.json):
+# 5.87 ms against 5.45 ms; gate|up + norm 71.3 us ties gate|up 69.3 + norm 2.2, but qkv + norm took 35.4
+# against 20.9 + 2.0. The kernels the fusion saves cost only ~2 us each inside a CUDA graph.
 _FUSED_LAYERS = {"enabled": False}
 # How a fused layer applies its pieces. norm_scale: the RMSNorm as a row scale after the qkv / gate|up GEMMs
 # (sum of squares gathered in the K loop; no pre-pass, bf16 rounding of x * w instead of the normed row);
