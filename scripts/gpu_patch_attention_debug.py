@@ -9,8 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ["d64_contig_bf16", "d72_contig_bf16", "d72_contig_fp32", "d72_strided_bf16", "d72_small_bf16",
-            "d80_contig_bf16", "d96_contig_bf16", "d72_contig_bf16_st1", "d80_strided_bf16"]
-TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3)]
+            "d80_contig_bf16", "d96_contig_bf16"]
 
 
 def one(name: str) -> None:
@@ -23,29 +22,10 @@ def one(name: str) -> None:
     q, k, v = [t.reshape(n_img, L, H, d).transpose(1, 2) for t in qkv.unbind(1)]
     if "contig" in name:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    tiles = (64, 64, 4, 1) if name.endswith("st1") else None
-    o = P.patch_attention(q, k, v, d ** -0.5, tiles=tiles)
+    o = P.patch_attention(q, k, v, d ** -0.5)
     torch.cuda.synchronize()
     ref = P.patch_attention_reference(q, k, v, d ** -0.5)
-    line = f"{name} max abs err {float((o.float() - ref.float()).abs().max()):.3g}"
-    if L == 720:  # us per call, 27 calls in a CUDA graph (one per vision layer)
-        for t in ([tiles] if tiles else TILES):
-            g = torch.cuda.CUDAGraph()
-            P.patch_attention(q, k, v, d ** -0.5, tiles=t)
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g):
-                for _ in range(27):
-                    P.patch_attention(q, k, v, d ** -0.5, tiles=t)
-            g.replay()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(10):
-                g.replay()
-            b.record()
-            b.synchronize()
-            line += f" | {t}: {a.elapsed_time(b) * 1000 / 270:.1f} us"
-    print(line)
+    print(name, "ok, max abs err", float((o.float() - ref.float()).abs().max()))
 
 
 if __name__ == "__main__":
