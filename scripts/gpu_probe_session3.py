@@ -20,7 +20,6 @@
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -293,21 +292,6 @@ def probe_vision_kernel() -> dict:
     ref = F.scaled_dot_product_attention(*views(0), scale=D ** -0.5)  # [n_img, H, L, D]
     out["cudnn us"] = 1000 * graph_ms(lambda: [F.scaled_dot_product_attention(*views(i), scale=D ** -0.5)
                                                 for i in range(27)]) / 27
-    from flashdrive_ros.engine import patch_attention as P
-    for tiles in [None] + [(bm, bn, w, st) for bm, bn, w, st in
-                           itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if not (bm == 128 and w == 4)]:
-        name = "patch " + ("default" if tiles is None else "bm%d bn%d w%d st%d" % tiles)
-        try:
-            o = P.patch_attention(*views(0), scale=D ** -0.5, tiles=tiles)
-            err = float((o.float() - ref.transpose(1, 2).float()).abs().max())
-            us = 1000 * graph_ms(lambda: [P.patch_attention(*views(i), scale=D ** -0.5, tiles=tiles)
-                                          for i in range(27)]) / 27
-            out[name] = {"us": us, "max_abs_err": err}
-        except Exception as e:
-            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        print("vision kernel", name, out[name], flush=True)
-    if os.environ.get("PROBE_PATCH_ONLY"):
-        return out
     cfgs = [None] + [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in
                      itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if not (bm == 128 and w == 4 and bn == 128)]
     for cfg in cfgs:

@@ -801,13 +801,15 @@ VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True}
 
 def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
     """Per-image attention of q/k/v [N, heads, d] -> [N, heads * d] in the projection's layout."""
-    pk = _kernel_module("patch_attention", q) if VISION_FAST["attention_kernel"] else None
+    ak = _kernel_module("attention_kernel", q) if VISION_FAST["attention_kernel"] else None
 
     def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
         return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
 
-    if pk is not None:  # output [n_img, L, heads, d] is already the projection's layout
-        return pk.patch_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling).reshape(n_tok, -1)
+    if ak is not None:  # heads-last output [n_img, L, heads, d] is already the projection's layout
+        o = ak.slot_attention(per_image(q), per_image(k), per_image(v), st.key_limit, scale=a.scaling,
+                              heads_last=True)
+        return o.reshape(n_tok, -1)
     o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
     return o.transpose(1, 2).reshape(n_tok, -1)
 
