@@ -310,7 +310,8 @@ def probe_vision_kernel() -> dict:
 
 # ------------------------------------------------------------- 4. few-rows attention (two-kernel merge)
 
-def probe_few_rows(budget_s: float = 150.0, fused_top: int = 0, only_default: bool = False) -> dict:
+def probe_few_rows(budget_s: float = 150.0, fused_top: int = 0, only_default: bool = False,
+                   merge_sweep: bool = False) -> dict:
     """Two-kernel slot_attention configs at decode / verify / action rows, K/V rotated over 8 layers
     of a 3 136-slot cache (from HBM), 3 057 valid keys. Per case: the default plan and a sweep."""
     import itertools
@@ -347,6 +348,12 @@ def probe_few_rows(budget_s: float = 150.0, fused_top: int = 0, only_default: bo
 
         p = A.plan(KV, rows, N, sms)
         timed(None, f"default bm{p.config.block_m} bn{p.config.block_n} w{p.config.num_warps} st{p.config.num_stages} sp{p.splits}")
+        if merge_sweep:  # the default plan with other launches of the two-kernel merge (A.MERGE)
+            before = A.MERGE
+            for mr, mw in ((1, 4), (1, 2), (1, 1), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 8), (16, 4), (16, 8)):
+                A.MERGE = (mr, mw)
+                timed(None, f"merge rows{mr} w{mw}")
+            A.MERGE = before
         bms = [] if only_default else [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
         if only_default:  # the default plan's tiles at neighbouring split counts
             for sp in (p.splits - 2, p.splits - 1, p.splits, p.splits + 1, p.splits + 2):
@@ -384,6 +391,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fused-top", type=int, default=0, help="few_rows: also time the fused merge for the best N tiles")
     ap.add_argument("--only-default", action="store_true", help="few_rows: the default plan's tiles only (no sweep)")
+    ap.add_argument("--merge-sweep", action="store_true", help="few_rows: the default plan with other merge launches")
     ap.add_argument("--only", nargs="*", choices=("vision", "prefetch", "vision_kernel", "few_rows"), default=None)
     args = ap.parse_args()
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
@@ -395,7 +403,8 @@ def main() -> None:
     if "vision_kernel" in only:
         res["vision_kernel"] = probe_vision_kernel()
     if "few_rows" in only:
-        res["few_rows"] = probe_few_rows(fused_top=args.fused_top, only_default=args.only_default)
+        res["few_rows"] = probe_few_rows(fused_top=args.fused_top, only_default=args.only_default,
+                                         merge_sweep=args.merge_sweep)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

@@ -23,6 +23,8 @@ from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
 
 
 def main(cases_path: str, results_path: str) -> None:
+    if os.environ.get("ATTN_MERGE"):  # the two-kernel merge's launch (rows per program, warps)
+        A.MERGE = tuple(int(x) for x in os.environ["ATTN_MERGE"].split(","))
     cases = torch.load(cases_path, weights_only=False)
     results, heads_last = {}, {}
     for name, (q, k, v, key_limit, config) in cases.items():

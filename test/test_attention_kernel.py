@@ -197,6 +197,26 @@ def kernel(tmp_path_factory):
     return out
 
 
+def test_two_kernel_merge_with_several_rows_per_program_equals_the_reference(tmp_path):
+    """The merge kernel's launch (A.MERGE: rows per program, warps) does not change the result, also when
+    the rows are no multiple of the rows per program (decode: 4 folded rows, 8 per program)."""
+    if A.triton is None:
+        pytest.skip("triton is not installed (scripts/setup.sh installs it)")
+    cases = {n: CASES[n]() for n in TWO_KERNEL}
+    cases["decode_two_kernel"] = _variant(_case_decode, fused_merge=False, splits=3)()
+    names = list(cases)
+    torch.save(cases, tmp_path / "cases.pt")
+    for merge in ("2,2", "8,4"):
+        proc = subprocess.run([sys.executable, str(HERE / "attention_interp.py"), str(tmp_path / "cases.pt"),
+                               str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=240,
+                              env={**__import__("os").environ, "ATTN_MERGE": merge})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = torch.load(tmp_path / "out.pt", weights_only=False)
+        for n in names:
+            q, k, v, limit, _ = torch.load(tmp_path / "cases.pt", weights_only=False)[n]
+            torch.testing.assert_close(out[n][0], A.slot_attention_reference(q, k, v, limit), **TOL)
+
+
 def _plan_of(kernel, name):
     (q, k, _, _, cfg), *_ = kernel[name]
     return A.plan(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], 4, None if cfg is None else A.Config(**cfg), D)

@@ -100,6 +100,8 @@ FUSED_MERGE = False
 # path's 168 registers with group 2 (3 programs per SM, as before; group 4 needs 245 -> 2 per SM);
 # block_m 32 gets group 1 (shared memory already limits it to 2 programs per SM).
 MERGE_FP32_PER_THREAD = 32
+# Two-kernel merge launch: (rows per program, warps).
+MERGE = (1, 4)
 
 
 @dataclass(frozen=True)
@@ -351,25 +353,26 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Program (row, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
-        r = tl.program_id(0)
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROWS: tl.constexpr):
+        """Program (ROWS rows, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         bh = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        s_ok = offs_s < n_splits
-        part = (bh * n_rows + r) * n_splits + offs_s
-        m = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
-        l = tl.load(L_PART + part, mask=s_ok, other=0.0)
-        acc = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        m_all = tl.max(m, 0)
-        w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # splits that saw nothing: 0
-        denom = tl.sum(w * l, 0)
-        out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+        ok = (rows < n_rows)[:, None] & (offs_s < n_splits)[None, :]  # [ROWS, S]
+        part = (bh * n_rows + rows)[:, None] * n_splits + offs_s[None, :]
+        m = tl.load(M_PART + part, mask=ok, other=float("-inf"))
+        l = tl.load(L_PART + part, mask=ok, other=0.0)
+        acc = tl.load(O_PART + part[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_all = tl.max(m, 1)
+        w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all)[:, None])  # splits that saw nothing: 0
+        denom = tl.sum(w * l, 1)
+        out = tl.sum(acc * w[:, :, None], 1) / tl.where(denom > 0, denom, 1.0)[:, None]  # [ROWS, D]
         b = bh // n_kv
         h = bh % n_kv
-        o_row = (r // n_queries) * so_j + (r % n_queries) * so_q
-        tl.store(OUT + b * so_b + h * so_h + o_row + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        o_row = (rows // n_queries) * so_j + (rows % n_queries) * so_q
+        tl.store(OUT + b * so_b + h * so_h + o_row[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -446,9 +449,11 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
         num_warps=c.num_warps, num_stages=c.num_stages)
     if split and not p.fused_merge:
-        _merge_splits[(rows, b * n_kv)](
+        mr, mw = MERGE
+        _merge_splits[(_cdiv(rows, mr), b * n_kv)](
             o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
-            n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), num_warps=4)
+            n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), ROWS=mr,
+            num_warps=mw)
     return out
 
 
