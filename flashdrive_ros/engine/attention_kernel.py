@@ -100,8 +100,11 @@ FUSED_MERGE = False
 # path's 168 registers with group 2 (3 programs per SM, as before; group 4 needs 245 -> 2 per SM);
 # block_m 32 gets group 1 (shared memory already limits it to 2 programs per SM).
 MERGE_FP32_PER_THREAD = 32
-# Two-kernel merge launch: (rows per program, warps).
-MERGE = (1, 4)
+# Two-kernel merge launch: (rows per program, warps). One row per one-warp program: H100 sweep
+# (scripts/gpu_probe_session3.py --only few_rows --only-default --merge-sweep,
+# docs/bench/probe_session3_merge_h100.json), attention + merge per layer: action 14.1 against 16.3 us with
+# (1, 4), verify 12.5 against 13.1, decode 11.9 against 11.6 (noise level); 16 rows / 4 warps tied on the action.
+MERGE = (1, 1)
 
 
 @dataclass(frozen=True)
