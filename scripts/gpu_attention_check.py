@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
 from flashdrive_ros.engine import graphs as G  # noqa: E402
+import gpu_timing  # noqa: E402 (scripts/, beside this file)
+from gpu_timing import graph_ms, warm_up  # noqa: E402
 
 KV, D, N, VALID, LAYERS = 8, 128, 3136, 3057, 8
 DTYPE = torch.bfloat16
@@ -86,41 +87,13 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def time_graph(call, n_calls: int, replays: int) -> float:
     """us per call: n_calls back-to-back calls captured in one CUDA graph (call(i) rotates inputs),
     median over replays. Warm-up (Triton / inductor compilation) runs on a side stream first."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            call(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_calls):
-            call(i)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / n_calls)
-    del g
-    return statistics.median(ts)
+    warm_up(lambda: [call(i) for i in range(3)])
+    return 1000.0 * graph_ms(lambda: [call(i) for i in range(n_calls)], replays, warm=0) / n_calls
 
 
 def capture(fn):
     """(replay, output) of fn captured in a CUDA graph after a warm-up on a side stream."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    g, out = gpu_timing.capture(fn)
     return g.replay, out
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from flashdrive_ros.engine import cache_kernels as CK  # noqa: E402
 from flashdrive_ros.engine import graphs as G  # noqa: E402
 from flashdrive_ros.engine.kv_cache import StaticKVCache  # noqa: E402
 from flashdrive_ros.engine.rope import extend_positions, rope_index  # noqa: E402
+import gpu_timing  # noqa: E402 (scripts/, beside this file)
 
 LAYERS, KV, D, MAX_LEN, EPS = 36, 8, 128, 3136, 1e-6
 VIEWS, FRAMES, LABEL, IMG, PREFIX, TAIL = 4, 4, 6, 182, 10, 71
@@ -214,31 +214,12 @@ def check_shift(results: dict) -> bool:
 # ------------------------------------------------------------------------------------- timing
 
 def capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compiles (Triton, inductor) and lazy init stay out of the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    """fn captured in a CUDA graph after two side-stream runs (compiles and lazy init stay out of it)."""
+    return gpu_timing.capture(fn, warm=2)[0]
 
 
 def time_graph(g, reps: int) -> float:
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return gpu_timing.replay_ms(g, reps)
 
 
 def time_store(rows: list, reps: int) -> None:

@@ -24,7 +24,6 @@ Every piece is guarded: a failure is reported and the rest still runs. Exit stat
 """
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ from flashdrive_ros.engine import graphs  # noqa: E402
 from flashdrive_ros.engine import linear_kernel as L  # noqa: E402
 from flashdrive_ros.engine.config import TextConfig  # noqa: E402
 from flashdrive_ros.engine.text_model import DecoderLayer, RMSNorm  # noqa: E402
+import gpu_timing  # noqa: E402 (scripts/, beside this file)
 
 DTYPE = torch.bfloat16
 DEV = "cuda"
@@ -80,37 +80,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def side_warm(fn, times: int = 2) -> None:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(times):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-
-
 def graph_of(fn):
-    side_warm(fn)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
+    """(graph, output) of fn, warmed up twice on a side stream first."""
+    return gpu_timing.capture(fn, warm=2)
 
 
 def time_graph(g, replays: int = 20) -> float:
     """Median ms of one replay."""
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return gpu_timing.replay_ms(g, replays, untimed=1)
 
 
 def cfg_name(c: L.Config) -> str:

@@ -17,7 +17,6 @@ The table (us, TB/s of weight + activations, the winning config) is printed last
 """
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flashdrive_ros.engine import linear_kernel as L  # noqa: E402
+from gpu_timing import graph_ms, warm_up  # noqa: E402 (scripts/, beside this file)
 
 DTYPE = torch.bfloat16
 DEV = "cuda"
@@ -54,34 +54,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def warm_then(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-
-
 def time_graph(call, n_calls: int, replays: int) -> float:
     """us per call: n_calls back-to-back calls captured in one CUDA graph (call(i) rotates weights)."""
-    warm_then(lambda: [call(i) for i in range(COPIES)])
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_calls):
-            call(i)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / n_calls)
-    del g
-    return statistics.median(ts)
+    warm_up(lambda: [call(i) for i in range(COPIES)])
+    return 1000.0 * graph_ms(lambda: [call(i) for i in range(n_calls)], replays, warm=0) / n_calls
 
 
 def poison(m: int, n: int, cfg: L.Config, k: int) -> None:
@@ -132,7 +108,7 @@ def main() -> None:
         poison(m, n, dflt, k)
         berr = rel_l2(L.skinny_linear(xs[2], ws[2], bias, config=dflt), L.skinny_linear_reference(xs[2], ws[2], bias))
         sx = xs[0].clone()
-        warm_then(lambda: L.skinny_linear(sx, ws[1]))
+        warm_up(lambda: L.skinny_linear(sx, ws[1]))
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             gout = L.skinny_linear(sx, ws[1])
@@ -161,7 +137,7 @@ def main() -> None:
 
     # An untuned shape during capture: F.linear, no benchmarking (which would fail inside a capture).
     x, w = torch.randn(3, 512, device=DEV, dtype=DTYPE), torch.randn(256, 512, device=DEV, dtype=DTYPE)
-    warm_then(lambda: F.linear(x, w))
+    warm_up(lambda: F.linear(x, w))
     g = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(g):

@@ -20,7 +20,6 @@
 """
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,32 +31,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
+from gpu_timing import graph_ms  # noqa: E402 (scripts/, beside this file)
 
 DEV = "cuda"
 BF16 = torch.bfloat16
-
-
-def graph_ms(fn, replays: int = 20, warm: int = 3) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------- 1. vision
