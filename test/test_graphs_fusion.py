@@ -170,6 +170,24 @@ def test_vision_forward_matches_tower():
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_vision_static_position_table_follows_weight_updates():
+    """The interpolated position embedding is computed once per grid; a pos_embed weight changed in place
+    afterwards must not be used silently with the old table: vision_forward refuses, a rebuilt static
+    matches the tower again."""
+    cfg = tiny_config()
+    tower = build_vision_tower(cfg.vision).eval()
+    _randomize(tower, 5)
+    grid = torch.tensor([[1, 8, 14]] * 2)
+    pix = torch.randn(2 * 8 * 14, 3 * 2 * 16 * 16)
+    st = graphs.vision_static(tower, grid)
+    with torch.no_grad():
+        tower.pos_embed.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="pos_embed"):
+        graphs.vision_forward(tower, pix, st)
+    emb, _ = graphs.vision_forward(tower, pix, graphs.vision_static(tower, grid))
+    torch.testing.assert_close(emb, encode_images(tower, pix, grid).embeds, **TOL)
+
+
 def test_cache_write_and_shift_match_cache_methods(parts):
     cfg, _, _ = parts
     a, b = _cache(cfg, 64, seed=7), _cache(cfg, 64, seed=7)

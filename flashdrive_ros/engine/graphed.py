@@ -102,8 +102,9 @@ class GraphedStages:
     def encode(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> ImageFeatures:
         """Vision tower on equal-size images -> ImageFeatures (static outputs: consume before the next call)."""
         grid_cpu = grid_thw.cpu()
-        key = ("encode", tuple(pixels.shape), tuple(grid_cpu.flatten().tolist()))
         tower = self._model.visual
+        # pos_embed's version: in-place weight updates (training) rebuild the precomputed position table
+        key = ("encode", tuple(pixels.shape), tuple(grid_cpu.flatten().tolist()), tower.pos_embed.weight._version)
 
         def build():
             st = G.vision_static(tower, grid_thw.to(pixels.device))

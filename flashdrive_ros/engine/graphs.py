@@ -770,6 +770,12 @@ class VisionStatic:
     n_images: int
     patches_per_image: int
     key_limit: torch.Tensor  # [patches_per_image], all = patches_per_image: a patch sees its whole image
+    # The interpolated learned position embedding [N, hidden] (in the patch
+    # embedding's dtype, as the sum is cast to before the add): it depends on the grid and the
+    # pos_embed weights only, so it is computed here once instead of a gather + weighted sum per step.
+    # pos_version: pos_embed.weight._version it was computed from (callers rebuild when it moves).
+    pos: torch.Tensor
+    pos_version: int
 
 
 @torch.no_grad()
@@ -787,7 +793,9 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
     cos, sin = tower.rotary_pos_emb(dummy, pos_ids)
     t, h, w_ = g[0]
     n = t * h * w_
-    return VisionStatic(idx, w, cos, sin, len(g), n, torch.full((n,), n, dtype=torch.int32, device=grid_thw.device))
+    pos = (tower.pos_embed(idx) * w[:, :, None]).sum(1).to(tower.patch_embed.proj.weight.dtype)
+    return VisionStatic(idx, w, cos, sin, len(g), n, torch.full((n,), n, dtype=torch.int32, device=grid_thw.device),
+                        pos, tower.pos_embed.weight._version)
 
 
 # Vision tower on CUDA (scripts/gpu_probe_session3.py, docs/bench/probe_session3_h100.json / _h200.json):
@@ -828,8 +836,9 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
     deepstack features)."""
     w_pe, b_pe = patch_embed_as_linear(tower)
     x = F.linear(pixel_values.to(w_pe.dtype), w_pe, b_pe)
-    pos = (tower.pos_embed(st.interp_indices) * st.interp_weights[:, :, None]).sum(1)
-    x = x + pos.to(x.dtype)
+    if tower.pos_embed.weight._version != st.pos_version:
+        raise RuntimeError("the vision pos_embed weights changed after vision_static(): build it again")
+    x = x + st.pos.to(x.dtype)
     n_tok, hid = x.shape
     cos, sin = st.cos.unsqueeze(-2).float(), st.sin.unsqueeze(-2).float()
     deep: list[torch.Tensor] = []
