@@ -467,3 +467,15 @@ def test_many_rows_under_two_waves_of_big_tiles_use_smaller_tiles():
     sms, bh, n = 132, 8, 3136
     assert A.plan(bh, 3196, n, sms).config == A.MANY_ROWS_SHORT
     assert A.plan(bh, 12140, n, sms).config == A.MANY_ROWS
+
+
+def test_programmatic_dependent_launch_only_on_cuda(monkeypatch):
+    """PDL (inline PTX, sm_90+) is a launch option of the CUDA kernels only: never on CPU tensors (the
+    interpreter), whatever the switch says, and the switch turns it off everywhere."""
+    from flashdrive_ros.engine import cache_kernels as C
+
+    monkeypatch.setattr(A, "PDL", True)
+    assert not A.pdl_enabled(torch.zeros(1))
+    assert C._pdl_options(torch.zeros(1)) == {}
+    monkeypatch.setattr(A, "PDL", False)
+    assert not A.pdl_enabled(torch.zeros(1))

@@ -39,6 +39,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the reference still works, available() says False
     triton = None
     tl = None
@@ -105,6 +106,19 @@ MERGE_FP32_PER_THREAD = 32
 # docs/bench/probe_session3_merge_h100.json), attention + merge per layer: action 14.1 against 16.3 us with
 # (1, 4), verify 12.5 against 13.1, decode 11.9 against 11.6 (noise level); 16 rows / 4 warps tied on the action.
 MERGE = (1, 1)
+# Programmatic dependent launch (Hopper+): each kernel is launched with the PDL attribute and waits for its
+# predecessor's memory (griddepcontrol.wait) before its first load, so its launch and block setup overlap
+# the predecessor's tail; the attention kernel lets the merge launch once its key loop is done. Also read by
+# cache_kernels (the q/k store before attention). H100 (scripts/gpu_probe_session4.py,
+# docs/bench/probe_session4_pdl_h100.json), 36 layers of producer + attention + merge in one graph, us per
+# layer off / on: decode 10.3 / 9.9, verify 12.1 / 11.5, action 14.2 / 13.1, outputs bitwise equal.
+# Never under the interpreter (inline PTX).
+PDL = True
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: the switch is on, a CUDA tensor on sm_90 or newer."""
+    return PDL and t.is_cuda and not _interpreting() and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 @dataclass(frozen=True)
@@ -233,7 +247,7 @@ if triton is not None:
                             s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
-                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
         """Program (row tile, b * KV + h, split): attention of BLOCK_M folded rows over the keys
         [split * chunk, (split + 1) * chunk) that some row of the tile sees. SPLIT: write the
         unnormalised partial (acc, m, l) for _merge_splits, or with FUSED merge them here (the last
@@ -243,6 +257,8 @@ if triton is not None:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
+        if USE_PDL:  # q, the cache and the limits may come from the kernel launched just before
+            gdc_wait()
         b = pid_bh // n_kv
         h = pid_bh % n_kv
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -293,6 +309,8 @@ if triton is not None:
                                               start, offs_n, limit, n_keys, qk_scale, d_ok,
                                               True, PRECISION, PAD_D)
 
+            if USE_PDL:  # the merge (or whatever follows) may start launching; it waits for our stores
+                gdc_launch_dependents()
             # folded row r = j * Q + q: output address from (j, q), so heads-last layouts need no copy
             o_ptrs = OUT + b * so_b + h * so_h + ((rows // n_queries) * so_j + (rows % n_queries) * so_q)[:, None] \
                 + offs_d[None, :]
@@ -356,8 +374,11 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROWS: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROWS: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
         """Program (ROWS rows, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+        if USE_PDL:  # the partials come from the attention kernel launched just before
+            gdc_wait()
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         bh = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -441,6 +462,7 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         o_part = m_part = l_part = out
     counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
     upcast = _interpreting() and q.dtype != torch.float32
+    pdl = pdl_enabled(q)
     _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
         q, k, v, key_limit, out, o_part, m_part, l_part, counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -450,13 +472,13 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
         GROUP=p.merge_group, UPCAST=upcast,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **({"launch_pdl": True} if pdl else {}))
     if split and not p.fused_merge:
         mr, mw = MERGE
         _merge_splits[(_cdiv(rows, mr), b * n_kv)](
             o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
             n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), ROWS=mr,
-            num_warps=mw)
+            USE_PDL=pdl, num_warps=mw, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

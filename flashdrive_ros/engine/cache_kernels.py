@@ -48,9 +48,12 @@ from typing import Sequence
 
 import torch
 
+from .attention_kernel import pdl_enabled
+
 try:  # Triton is optional: CPU-only installs without it use the eager reference.
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     _HAVE_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -149,12 +152,17 @@ if _HAVE_TRITON:
         sc_b, sc_h, sc_s, s_slot,
         n_tok, n_q_heads, n_kv_heads, n_q_blocks, eps,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr,
-        STORE_PRE: tl.constexpr, DT: tl.constexpr, CDT: tl.constexpr,
+        STORE_PRE: tl.constexpr, DT: tl.constexpr, CDT: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
         """Grid (token t, batch b, head block). Blocks [0, n_q_blocks) take HEADS query heads each and
         write rotated q to qo [B, H, Q, D]; the others take HEADS kv heads each: norm + rotate k,
         copy v, and scatter k / v / rotated k to cache row `slots[t]` (cache layer views [B, KV, M, D]).
-        Every row is split into its low/high halves so rotate_half is plain register arithmetic."""
+        Every row is split into its low/high halves so rotate_half is plain register arithmetic.
+        USE_PDL (attention_kernel.PDL): launched early; wait for the projection's output, then let the
+        attention that reads what we store launch (it waits for us in turn)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         t = tl.program_id(0)
         b = tl.program_id(1)
         blk = tl.program_id(2)
@@ -284,6 +292,11 @@ def _launch_options(t: torch.Tensor, num_warps: int) -> dict:
     return {} if interpreted() else {"num_warps": num_warps, "enable_fp_fusion": False}
 
 
+def _pdl_options(t: torch.Tensor) -> dict:
+    """Programmatic dependent launch where attention_kernel.PDL turns it on (the kernel waits first)."""
+    return {"USE_PDL": True, "launch_pdl": True} if not interpreted() and pdl_enabled(t) else {}
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -342,7 +355,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm
             n, h, kv, n_q_blocks, float(eps),
             HALF=half, BLOCK_HALF=_next_pow2(half), HEADS=heads,
             STORE_PRE=bool(store_pre_rope), DT=_TL_DTYPE[q.dtype], CDT=_TL_DTYPE[cache.dtype],
-            **_launch_options(q, 4 if heads * half >= 256 else 2),
+            **_launch_options(q, 4 if heads * half >= 256 else 2), **_pdl_options(q),
         )
     return q_rot
 
