@@ -6,7 +6,9 @@ TRITON_INTERPRET=1 only takes effect if it is set before triton's jit decorators
 import of triton in the pytest process would already have done; hence a separate process. CASES.pt
 maps a name to (x, w, bias, Config fields or None); torch.save keeps views' strides (row / column slices
 of a bigger weight). RESULTS.pt maps the name to (output, w strides as the kernel saw them), and
-"__capture__" to the outputs of the simulated-capture sequence (see capture_sequence).
+"__capture__" to the outputs of the simulated-capture sequence (see capture_sequence). The cases named
+in CASES.pt's "__repeat__" list run a second time with every tensor the launcher allocates filled
+with NaN (output, fp32 partials): RESULTS.pt's "__repeat__" maps each to that second output.
 """
 
 import os
@@ -47,15 +49,29 @@ def capture_sequence(x, w, bias):
                 during_tuned=during_tuned, config=L.tuned(x, w, bias).config)
 
 
+def run_poisoned(x, w, bias, cfg):
+    """skinny_linear with torch.empty returning NaN-filled tensors: an element the kernels leave
+    unwritten, or a partial they read without having written it, shows up as NaN."""
+    empty = torch.empty
+    torch.empty = lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
+    try:
+        return L.skinny_linear(x, w, bias, config=cfg)
+    finally:
+        torch.empty = empty
+
+
 def main(cases_path: str, results_path: str) -> None:
     cases = torch.load(cases_path, weights_only=False)
     results = {}
-    for name, (x, w, bias, config) in cases.items():
-        if name == "__capture__":
+    for name, case in cases.items():
+        if name.startswith("__"):
             continue
+        x, w, bias, config = case
         cfg = None if config is None else L.Config(**config)
         results[name] = (L.skinny_linear(x, w, bias, config=cfg), w.stride())
     results["__capture__"] = capture_sequence(*cases["__capture__"][:3])
+    results["__repeat__"] = {name: run_poisoned(*cases[name][:3], L.Config(**cases[name][3]))
+                             for name in cases.get("__repeat__", [])}
     torch.save(results, results_path)
 
 
