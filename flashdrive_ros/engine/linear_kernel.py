@@ -57,11 +57,12 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from flashdrive_ros.engine.attention_kernel import _interpreting, _patch_interpreter_for_numpy_2_4, sm_count
+from flashdrive_ros.engine.attention_kernel import _interpreting, _patch_interpreter_for_numpy_2_4, pdl_enabled, sm_count
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: F.linear still works, available() says False
     triton = None
     tl = None
@@ -239,10 +240,14 @@ if triton is not None:
     def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
         """Program (column block, split): acc[n, m] = sum over its K chunk of W[n, k] X[m, k].
         SPLIT: store the fp32 partial at P[split, m, n] (for _reduce_splits); otherwise add the bias
-        and store Y[m, n] in Y's dtype."""
+        and store Y[m, n] in Y's dtype. USE_PDL: launched early (programmatic dependent launch); x is
+        read only after the previous kernel is done, and the next one may launch once the K loop ends."""
+        if USE_PDL:
+            gdc_wait()
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,6 +277,8 @@ if triton is not None:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if USE_PDL:
+            gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT:
             tl.store(P + (pid_s * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=out_mask)
@@ -281,8 +288,11 @@ if triton is not None:
             tl.store(Y + offs_m[None, :] * N + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _reduce_splits(P, B, Y, total, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    def _reduce_splits(P, B, Y, total, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
         """Y[i] = sum_s P[s, i] (+ bias[i % N]) over the flattened [M, N] outputs."""
+        if USE_PDL:
+            gdc_wait()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < total
         acc = tl.load(P + offs, mask=ok, other=0.0)
@@ -296,11 +306,13 @@ if triton is not None:
     def _balanced_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, units, programs, k_blocks,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                             UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
         """Program p streams the units of balanced_range(p) in one flat loop (the pipeline runs on
         across column blocks) with _skinny_linear_fwd's tile and transposed dot. At the end of each
         segment: a whole column block gets the bias and is stored to Y[m, n] in Y's dtype; a part is
         stored as the fp32 partial P[p + column block, m, :BLOCK_N] for _reduce_balanced."""
+        if USE_PDL:  # see _skinny_linear_fwd
+            gdc_wait()
         pid = tl.program_id(0)
         lo = pid * units // programs
         hi = (pid + 1) * units // programs
@@ -339,12 +351,16 @@ if triton is not None:
                     tl.store(P + ((pid + col) * M + offs_m[None, :]) * BLOCK_N + offs_j[:, None], acc,
                              mask=m_ok[None, :])
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if USE_PDL:
+            gdc_launch_dependents()
 
     @triton.jit(do_not_specialize=["M", "units", "programs", "k_blocks"])
     def _reduce_balanced(P, B, Y, M, N, units, programs, k_blocks, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False):
         """Program (column block, ROWS rows): if the column block was split, Y = the sum of its partials
         in program order (+ bias), cast to Y's dtype; a column block with one owner is already in Y."""
+        if USE_PDL:
+            gdc_wait()
         col = tl.program_id(0)
         first = ((col * k_blocks + 1) * programs - 1) // units  # balanced_owner of its first unit
         last = ((col + 1) * k_blocks * programs - 1) // units  # ... and of its last
@@ -425,6 +441,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return _launch(x2, w, bias, config).reshape(*x.shape[:-1], w.shape[0])
 
 
+def _pdl_options(t: torch.Tensor) -> dict:
+    """Programmatic dependent launch (attention_kernel.PDL, sm_90+): every kernel here waits first."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t) else {}
+
+
 def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config) -> torch.Tensor:
     if c.balanced:
         return _launch_balanced(x2, w, bias, c)
@@ -442,11 +463,11 @@ def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Con
         BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
         EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
         PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_options(x2))
     if split:
         block = 1024
         _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
-                                                 BLOCK=block, num_warps=4)
+                                                 BLOCK=block, num_warps=4, **_pdl_options(x2))
     return y
 
 
@@ -468,11 +489,12 @@ def _launch_balanced(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
         BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, HAS_BIAS=bias is not None,
         EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
         PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_options(x2))
     if split:
         rows = min(block_m(m), 4096 // c.block_n)  # a tile of at most 4096 sums per reduce program
         _reduce_balanced[(n_blocks, _cdiv(m, rows))](p, b, y, m, n, units, programs, k_blocks, BLOCK_N=c.block_n,
-                                                    ROWS=rows, HAS_BIAS=bias is not None, num_warps=4)
+                                                    ROWS=rows, HAS_BIAS=bias is not None, num_warps=4,
+                                                    **_pdl_options(x2))
     return y
 
 
