@@ -110,8 +110,8 @@ MERGE = (1, 1)
 # predecessor's memory (griddepcontrol.wait) before its first load, so its launch and block setup overlap
 # the predecessor's tail; the attention kernel lets the merge launch once its key loop is done. Also read
 # by cache_kernels (the q/k store before attention) and linear_kernel (the skinny GEMMs and their reduces).
-# H100 (scripts/gpu_probe_session4.py, docs/bench/probe_session4_pdl_h100.json), 36 layers of producer + attention + merge in one graph, us per
-# layer off / on: decode 10.3 / 9.9, verify 12.1 / 11.5, action 14.2 / 13.1, outputs bitwise equal.
+# H100 (scripts/gpu_probe_session4.py, docs/bench/probe_session4_pdl_h100.json), 36 layers of producer +
+# attention + merge in one graph, us per layer off / on: decode 10.3 / 9.9, verify 12.1 / 11.5, action 14.2 / 13.1, outputs bitwise equal.
 # Never under the interpreter (inline PTX).
 PDL = True
 
