@@ -1,23 +1,28 @@
 """Device check of slot_attention (engine/attention_kernel.py) at the full model shape, bf16.
 
-    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json]
+    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json] [--only prefill] [--tma-only]
 
 KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
   decode (R = 4: g = 4, Q = 1), verify (R = 32: Q = 8), action (R = 128: g = 2, Q = 64, one limit),
   streaming prefill (R = 3196: Q = 799 at scattered frozen slots), full prefill (R = 12140: Q = 3035, causal).
 1. Correctness of the default plan against slot_attention_reference (rel L2 < 1e-2) with the output and
-   workspace memory poisoned with NaN first, and through a CUDA graph replayed 3 times, each on new
-   inputs (the kernel must be capturable: no host sync). Few-rows cases check both split merges: fused
-   (the default: the last program of a row tile merges, through an atomic counter it resets) and the
-   two-kernel path; eager calls and the graph use different counters, and every counter must be back
-   at 0 afterwards.
+   workspace memory poisoned with NaN first (and the cache slots after the N-slot key slice), also in
+   the heads_last layout, and through a CUDA graph replayed 3 times, each on new inputs and limits
+   (the kernel must be capturable: no host sync; one replay's limits reach all N slots, so 128-key
+   blocks run past the slice). Few-rows cases check both split merges: fused (the last program of a
+   row tile merges, through an atomic counter it resets) and the two-kernel path; eager calls and the
+   graph use different counters, and every counter must be back at 0 afterwards.
 2. Timing (per call, from CUDA graphs of back-to-back calls, median of replays): slot_attention (default
    plan fused and two-kernel, then a sweep of block sizes / warps / stages / splits / merge, fused merge
    groups), F.scaled_dot_product_attention with the
    additive mask, graphs._attn_math. K/V are read from an 8-layer cache (102 MB, calls rotate layers and
    3 query sets) so they come from HBM as in the model, not from the 50 MB L2.
+   The prefill cases also sweep the TMA kernel (Config(tma=True): Q/K/V through tensor descriptors),
+   each config checked as in 1. before it is timed; configs over the shared memory fail and are listed.
 The sweep stops at --budget-s; the table (us, K/V TB/s over all 3136 slots, TFLOP/s of the visible
 scores) is printed last, with the winner per case and the defaults to put into attention_kernel.py.
+--only prefill: the streaming and full prefill cases only; --tma-only: the prefill cases sweep the TMA configs
+only (the pointer configs were swept before; the default plan, SDPA and graphs._attn_math are still timed).
 """
 import argparse
 import itertools
@@ -117,7 +122,16 @@ def poison(plan: A.Plan, rows: int) -> None:
 def cfg_name(c: A.Config | None, plan: A.Plan) -> str:
     c = plan.config if c is None else c
     merge = "" if plan.splits == 1 else f" fused/g{plan.merge_group}" if plan.fused_merge else " 2-kernel"
-    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}{merge}"
+    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}{merge}{' tma' if c.tma else ''}"
+
+
+# TMA kernel configs swept on the prefill cases, the likeliest first. scripts/attention_compile_sm90.py (no GPU
+# needed): 64 x 64 / 4 warps takes 157-159 registers against the pointer kernel's 236, 128 x 64 / 8 warps
+# 154-158 against 218; 128 x 128 and 64 x 128 at 4 stages need more than the 227 KB of shared memory per
+# block: they fail to launch and are listed as failed.
+TMA_SWEEP = [A.Config(bm, bn, w, st, 1, tma=True) for bm, bn, w, st in (
+    (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 2),
+    (64, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 4), (64, 128, 4, 4))]
 
 
 TWO_KERNEL = A.Config(0, 0, 0, 0, fused_merge=False)  # marker: the default plan with the two-kernel merge
@@ -135,6 +149,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop the sweep after this many seconds")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--only", choices=("all", "prefill"), default="all",
+                    help="prefill: the streaming and full prefill cases only")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="prefill cases: sweep the TMA configs only (the pointer configs were swept before)")
     args = ap.parse_args()
     dev = torch.device(DEV)
     # Every captured fused-merge call gets counters of its own: room for the sweep's thousands of
@@ -146,61 +164,88 @@ def main() -> None:
     torch.manual_seed(0)
     k_cache = torch.randn(LAYERS, 1, KV, N + 16, D, device=dev, dtype=DTYPE)  # 16 spare slots: views, as in the engine
     v_cache = torch.randn(LAYERS, 1, KV, N + 16, D, device=dev, dtype=DTYPE)
+    k_cache[..., N:, :] = float("nan")  # a kernel reading past the key slice returns NaN
+    v_cache[..., N:, :] = float("nan")
     kv_bytes = 2 * KV * N * D * k_cache.element_size()
     results: dict[str, list[dict]] = {}
     checks: list[str] = []
     failures = 0
+    broken: list[str] = []  # a CUDA error that outlived its config (the context is unusable): stop timing
+
+    def recover(e: Exception) -> str:
+        """The error of a failed config as a short string, after waiting for the device; a sticky CUDA
+        error (illegal address, ...) also makes that wait fail: then everything after is skipped."""
+        try:
+            torch.cuda.synchronize()
+        except Exception as sticky:
+            broken.append(f"{type(sticky).__name__}: {str(sticky)[:120]}")
+        return f"{type(e).__name__}: {str(e)[:80]}"
 
     # -------------------------------------------------------------- 1. correctness of the default plan
+    def check(name: str, limit: torch.Tensor, rows: int, qs, kv, cfg: A.Config | None) -> tuple[bool, str]:
+        """(ok, report line) of slot_attention with cfg (None: the default plan) as described at the top."""
+        vplan = A.plan(KV, rows, N, sms, cfg)
+        ref = A.slot_attention_reference(qs[0], *kv[0], limit)
+        poison(vplan, rows)
+        out = A.slot_attention(qs[0], *kv[0], limit, config=cfg)
+        err = rel_l2(out, ref)
+        nan = bool(out.isnan().any())
+        hl = A.slot_attention(qs[0], *kv[0], limit, config=cfg, heads_last=True)
+        err = max(err, rel_l2(hl, A._to_heads_last(ref, limit.numel())))
+        nan = nan or bool(hl.isnan().any())
+        # Eager twice more in a row (the same eager counters), new inputs each time.
+        for i in (1, 2):
+            err = max(err, rel_l2(A.slot_attention(qs[i], *kv[i], limit, config=cfg),
+                                  A.slot_attention_reference(qs[i], *kv[i], limit)))
+        # Capturable: a graph captured on static buffers (poisoned output), replayed 3 times, each
+        # after new inputs were copied in (the counters of the captured call must reset each time).
+        sq, sl = qs[0].clone(), limit.clone()
+        poison(vplan, rows)
+        replay, gout = capture(lambda: A.slot_attention(sq, *kv[1], sl, config=cfg))
+        gerr = 0.0
+        # 100 more keys: every slot up to N (blocks past the slice); 700 fewer: some splits dead
+        for i, shift in ((1, 5), (2, -100), (0, 700)):
+            sq.copy_(qs[i])
+            sl.copy_(torch.clamp(limit - shift, min=0, max=N))
+            gout.fill_(float("nan"))  # every replay must write every output element
+            replay()
+            gerr = max(gerr, rel_l2(gout, A.slot_attention_reference(qs[i], *kv[1], sl)))
+            nan = nan or bool(gout.isnan().any())
+        clear = counters_clear()
+        ok = err < 1e-2 and gerr < 1e-2 and not nan and clear
+        path = ""
+        if vplan.config.tma:
+            path = "  (TMA kernel)" if A.tma_applies(vplan, qs[0], *kv[0]) else "  (TMA not applicable: pointer kernel)"
+        line = (f"{name:<16} plan {cfg_name(cfg, vplan):<42} rel L2 {err:.2e}  3 graph replays {gerr:.2e}"
+                f"{'  NaN!' if nan else ''}{'' if clear else '  COUNTERS NOT 0!'}  {'ok' if ok else 'FAIL'}{path}")
+        del replay, gout, ref, out, hl
+        return ok, line
+
     state = {}
     for name, (g, limit) in cases().items():
         limit = limit.to(dev)
         rows = g * limit.numel()
+        if args.only == "prefill" and rows <= 256:
+            continue
         qs = [torch.randn(1, KV, rows, D, device=dev, dtype=DTYPE) for _ in range(3)]
         kv = [(k_cache[i, :, :, :N], v_cache[i, :, :, :N]) for i in range(LAYERS)]
         plan = A.plan(KV, rows, N, sms)
         variants = [None] + ([TWO_KERNEL] if plan.splits > 1 else [])
         for variant in variants:
-            cfg = resolve(variant, rows, sms)
-            vplan = A.plan(KV, rows, N, sms, cfg)
-            ref = A.slot_attention_reference(qs[0], *kv[0], limit)
-            poison(vplan, rows)
-            out = A.slot_attention(qs[0], *kv[0], limit, config=cfg)
-            err = rel_l2(out, ref)
-            nan = bool(out.isnan().any())
-            # Eager twice more in a row (the same eager counters), new inputs each time.
-            for i in (1, 2):
-                err = max(err, rel_l2(A.slot_attention(qs[i], *kv[i], limit, config=cfg),
-                                      A.slot_attention_reference(qs[i], *kv[i], limit)))
-            # Capturable: a graph captured on static buffers (poisoned output), replayed 3 times, each
-            # after new inputs were copied in (the counters of the captured call must reset each time).
-            sq, sl = qs[0].clone(), limit.clone()
-            poison(vplan, rows)
-            replay, gout = capture(lambda: A.slot_attention(sq, *kv[1], sl, config=cfg))
-            gerr = 0.0
-            for i, shift in ((1, 5), (2, 0), (0, 700)):
-                sq.copy_(qs[i])
-                sl.copy_(torch.clamp(limit - shift, min=0))  # 700 fewer keys: some splits dead
-                gout.fill_(float("nan"))  # every replay must write every output element
-                replay()
-                gerr = max(gerr, rel_l2(gout, A.slot_attention_reference(qs[i], *kv[1], sl)))
-                nan = nan or bool(gout.isnan().any())
-            clear = counters_clear()
-            ok = err < 1e-2 and gerr < 1e-2 and not nan and clear
+            ok, line = check(name, limit, rows, qs, kv, resolve(variant, rows, sms))
             failures += not ok
-            checks.append(f"{name:<16} plan {cfg_name(cfg, vplan):<38} rel L2 {err:.2e}  3 graph replays {gerr:.2e}"
-                          f"{'  NaN!' if nan else ''}{'' if clear else '  COUNTERS NOT 0!'}  {'ok' if ok else 'FAIL'}")
-            print(checks[-1], flush=True)
-            del replay, gout, ref, out
+            checks.append(line)
+            print(line, flush=True)
         state[name] = (g, limit, rows, qs, kv, plan)
 
     # -------------------------------------------------------------------------------- 2. timing
     def timed(name: str, impl: str, fn, flops: float, err: float | None, big: bool, cfg=None) -> None:
+        if broken:
+            return
         try:
             us = time_graph(fn, n_calls=6 if big else 30, replays=5 if big else 15)
         except Exception as e:  # a config out of shared memory / registers, an inductor failure, ...
-            results[name].append({"impl": impl, "us": None, "error": f"{type(e).__name__}: {str(e)[:80]}"})
-            torch.cuda.synchronize()
+            results[name].append({"impl": impl, "us": None, "error": recover(e)})
             return
         results[name].append({"impl": impl, "us": us, "kv_TBps": kv_bytes / us / 1e6,
                               "TFLOPs": flops / us / 1e6, "rel_l2": err, "cfg": cfg})
@@ -240,29 +285,37 @@ def main() -> None:
             return [A.Config(bm, bn, w, st, 0, fused_merge=fm)
                     for fm, bm, bn, w, st in itertools.product((True,), bms, (64, 128), (4, 8), (2, 3))
                     if not (w == 8 and bm < 64)]
-        return [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+        pointer = [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+        return TMA_SWEEP if args.tma_only else TMA_SWEEP + pointer  # TMA first: the new kernel within the budget
 
     skipped = 0
-    for name, (g, limit, rows, qs, kv, plan) in state.items():
+    for n_case, (name, (g, limit, rows, qs, kv, plan)) in enumerate(state.items()):
         flops = 4.0 * D * KV * g * float(torch.clamp(limit, max=N).sum())
         big = rows > 1000
         tried = set()
+        deadline = elapsed() + (args.budget_s - elapsed()) / (len(state) - n_case)  # an equal share of what is left
 
         def run(cfg: A.Config) -> None:
-            nonlocal skipped
+            nonlocal skipped, failures
             p = A.plan(KV, rows, N, sms, cfg)
             label = cfg_name(cfg, p)
             if label in tried:
                 return
             tried.add(label)
-            if elapsed() > args.budget_s:
+            if elapsed() > deadline or broken:
                 skipped += 1
                 return
             try:
                 err = rel_l2(A.slot_attention(qs[0], *kv[0], limit, config=cfg), refs[name])
+                if cfg.tma:  # the new kernel: the full check of 1. (poisoned memory, heads_last, graph replays)
+                    ok, line = check(name, limit, rows, qs, kv, cfg)
+                    failures += not ok
+                    checks.append(line)
+                    print(line, flush=True)
+                    if not ok:
+                        err = max(err, 1.0)  # never a winner
             except Exception as e:
-                results[name].append({"impl": f"kernel {label}", "us": None, "error": f"{type(e).__name__}: {str(e)[:80]}"})
-                torch.cuda.synchronize()
+                results[name].append({"impl": f"kernel {label}", "us": None, "error": recover(e)})
                 return
             timed(name, f"kernel {label}", kernel_call(qs, kv, limit, cfg), flops, err, big, cfg)
 
@@ -316,15 +369,33 @@ def main() -> None:
               f"  (default {dflt['us'] if dflt else float('nan'):.1f} us"
               f"{two_s})"
               f"  x{(sdpa['us'] / best['us']) if sdpa else float('nan'):.1f} vs sdpa{merge}")
+    print("\nTMA kernel (Config(tma=True)) against the pointer kernel, per prefill case:")
+    for name, rows_ in results.items():
+        ok = [r for r in rows_ if r.get("us") and r["impl"].startswith("kernel") and (r["rel_l2"] or 0) < 1e-2]
+        tma = [r for r in ok if r["impl"].endswith(" tma")]
+        if not any(r["impl"].endswith(" tma") for r in rows_):
+            continue
+        pointer = [r for r in ok if not r["impl"].endswith(" tma") and not r["impl"].startswith("kernel default")]
+        dflt = next((r for r in ok if r["impl"].startswith("kernel default (")), None)
+        best_tma = min(tma, key=lambda r: r["us"]) if tma else None
+        print(f"  {name:<16} best TMA "
+              + (f"{best_tma['impl'][7:]} {best_tma['us']:.1f} us" if best_tma else "none correct and timed")
+              + f"  default {dflt['us'] if dflt else float('nan'):.1f} us"
+              + (f"  best pointer {min(r['us'] for r in pointer):.1f} us" if pointer else "")
+              + (f"  -> x{dflt['us'] / best_tma['us']:.2f} vs default" if best_tma and dflt else ""))
     print("  defaults now: FEW_ROWS =", A.FEW_ROWS, " MANY_ROWS =", A.MANY_ROWS,
           f" PROGRAMS_PER_SM = {A.PROGRAMS_PER_SM}  MIN_SPLIT_KEYS = {A.MIN_SPLIT_KEYS}"
           f"  FUSED_MERGE = {A.FUSED_MERGE}  MERGE_FP32_PER_THREAD = {A.MERGE_FP32_PER_THREAD}")
     print(f"  fused-merge counters: {A.CAPTURE_FALLBACKS} captured calls fell back to captured torch.zeros")
     if skipped:
-        print(f"  ({skipped} sweep configs skipped at the {args.budget_s:.0f} s budget)")
+        print(f"  ({skipped} sweep configs skipped at the {args.budget_s:.0f} s budget{' or after a sticky CUDA error' if broken else ''})")
+    if broken:
+        print(f"  sweep stopped by a sticky CUDA error: {broken[0]}")
+        failures += 1
     print(f"correctness: {'all ok' if not failures else f'{failures} FAILED'}; total {elapsed():.0f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps({"checks": checks, "results": results}, indent=1, default=str))
+        Path(args.out).write_text(json.dumps({"checks": checks, "results": results, "broken": broken}, indent=1,
+                                             default=str))
     if failures:
         sys.exit(1)
 

@@ -146,6 +146,83 @@ def _case_padded_verify(fused):
     return build
 
 
+# ------------------------------------------------------------- TMA kernel (Config(tma=True), no split)
+TMA = dict(SMALL, splits=1, tma=True)
+
+
+def _sliced_cache(batch, kv, n, seed, d=D, dtype=torch.float32):
+    """Key / value slices [:, :, :n] of a [B, KV, n + 16, d] cache whose slots from n on hold NaN: a
+    kernel that read keys past the slice (instead of masking them or TMA's zero fill) returns NaN."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(batch, kv, n + 16, d, generator=g).to(dtype) for _ in range(2))
+    for t in (k, v):
+        t[:, :, n:] = float("nan")
+    return k[:, :, :n], v[:, :, :n]
+
+
+def _streaming_limits(n_q, n_keys):
+    # A streaming window's queries: the newest frame of two views (runs of slots in the middle of the
+    # cache) and the tail up to the last slot, causal. Row tiles of one run share most of their keys
+    # (unmasked blocks); the last slot sees all n_keys, so with n_keys % block_n its last key block
+    # runs past the key slice.
+    run = n_q // 3
+    slots = torch.cat([torch.arange(n_keys // 4, n_keys // 4 + run), torch.arange(n_keys // 2, n_keys // 2 + run),
+                       torch.arange(n_keys - (n_q - 2 * run), n_keys)])
+    return slots + 1
+
+
+def _case_tma_streaming():
+    # B = 2 with a real batch stride, 90 keys (not a multiple of the 16-key block), 32-row tiles.
+    k, v = _sliced_cache(2, 2, 90, 40)
+    return _queries(2, 2, 4, 40, 41), k, v, _streaming_limits(40, 90), dict(TMA, block_m=32)
+
+
+def _case_tma_causal():
+    # Full prefill: 70 queries at slots 0..69 over their 70 keys, limit = slot + 1, 2 query heads per kv
+    # head: 140 folded rows, so the last 16-row tile runs past the rows (its padding rows read zeros).
+    k, v = _sliced_cache(1, 2, 70, 43)
+    return _queries(1, 2, 2, 70, 44), k, v, torch.arange(70) + 1, TMA
+
+
+def _case_tma_edge():
+    # Rows with limit 0 (nothing visible), 1, a full block, the 50 keys, and beyond (clamped).
+    k, v = _sliced_cache(1, 2, 50, 45)
+    return _queries(1, 2, 4, 8, 46), k, v, torch.tensor([0, 1, 16, 0, 49, 50, 77, 3]), TMA
+
+
+def _case_tma_shared_batch():
+    # A batch-1 cache expanded over B = 2 (batch stride 0), as graphs._store_and_attend passes it.
+    k, v = _sliced_cache(1, 2, 70, 47)
+    return (_queries(2, 2, 4, 24, 48), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+            _streaming_limits(24, 70), dict(TMA, block_n=32))
+
+
+def _case_tma_bf16():
+    k, v = _sliced_cache(1, 2, 90, 50, dtype=torch.bfloat16)
+    return (_queries(1, 2, 4, 40, 51, torch.bfloat16), k, v, _streaming_limits(40, 90),
+            dict(TMA, block_m=32, block_n=32))
+
+
+def _case_tma_head_dim_64():
+    g = torch.Generator().manual_seed(53)
+    k, v = _sliced_cache(1, 2, 75, 54, d=64)
+    return torch.randn(1, 2, 2 * 30, 64, generator=g), k, v, _streaming_limits(30, 75), TMA
+
+
+CASES_TMA = {
+    "tma_streaming": _case_tma_streaming,
+    "tma_causal": _case_tma_causal,
+    "tma_edge": _case_tma_edge,
+    "tma_shared_batch": _case_tma_shared_batch,
+    "tma_bf16": _case_tma_bf16,
+    "tma_head_dim_64": _case_tma_head_dim_64,
+}
+# Config(tma=True) where TMA does not apply: the pointer kernel runs (a split plan; padded head dims)
+TMA_FALLBACK = {
+    "tma_split_falls_back": _variant(_case_tma_streaming, splits=3, fused_merge=True),
+    "tma_padded_falls_back": _variant(_case_vision(splits=1), tma=True),
+}
+
 CASES = {
     "vision_no_split": _case_vision(splits=1),
     "vision_split": _case_vision(splits=2),
@@ -173,6 +250,8 @@ CASES = {
     "repeat_1": _case_repeat(20, torch.tensor([100, 99, 64, 1, 50, 33, 100, 80])),
     "repeat_2": _case_repeat(22, torch.tensor([0, 7, 16, 17, 48, 49, 70, 3])),
     "repeat_3": _case_repeat(24, torch.full((8,), 90)),
+    **CASES_TMA,
+    **TMA_FALLBACK,
 }
 FUSED = ["decode", "verify", "action", "edge_split", "bf16", "action_group1", "verify_group4",
          "dead_splits", "repeat_1", "repeat_2", "repeat_3", "prefill_split"]
@@ -193,6 +272,7 @@ def kernel(tmp_path_factory):
     results = torch.load(d / "out.pt", weights_only=False)
     out = {name: (inputs[name], *results[name]) for name in CASES}
     out["__heads_last__"] = results["__heads_last__"]
+    out["__kernels__"] = results["__kernels__"]
     out["__counters__"] = results["__counters__"]
     return out
 
@@ -479,3 +559,72 @@ def test_programmatic_dependent_launch_only_on_cuda(monkeypatch):
     assert C._pdl_options(torch.zeros(1)) == {}
     monkeypatch.setattr(A, "PDL", False)
     assert not A.pdl_enabled(torch.zeros(1))
+
+
+# ------------------------------------------------------------ TMA kernel (Config(tma=True), no split)
+
+def _slot_after_slice(t):
+    """The cache slot right after the key slice t = cache[:, :, :n]: what a read past the slice sees."""
+    b, h, n, d = t.shape
+    return t.as_strided((b, h, n + 1, d), t.stride(), t.storage_offset())[:, :, n]
+
+
+@pytest.mark.parametrize("name", list(CASES_TMA))
+def test_tma_kernel_equals_the_reference(kernel, name):
+    """Q, K and V through TMA descriptors: streaming and causal limits, key slices that are no multiple
+    of the block with NaN in the cache slot after them (the last block must be padded by TMA's zero
+    fill, not read from the cache), a last row tile past the rows, a real and a stride-0 batch, bf16,
+    head dim 64; heads_last too (test_heads_last_output_... covers every case)."""
+    assert kernel["__kernels__"][name] == ["_slot_attention_tma_fwd"] * 2  # heads_last False, True
+    (q, k, v, _, _), *_ = kernel[name]
+    assert _slot_after_slice(k).isnan().all() and _slot_after_slice(v).isnan().all()
+    _check(kernel, name, **(dict(rtol=1e-2, atol=1e-2) if q.dtype == torch.bfloat16 else {}))
+
+
+def test_tma_rows_that_see_no_key_are_zero(kernel):
+    (q, _, _, limit, _), out, _ = kernel["tma_edge"]
+    assert (out[:, :, (limit == 0).repeat(q.shape[2] // limit.shape[0])] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(TMA_FALLBACK))
+def test_tma_config_where_tma_does_not_apply_runs_the_pointer_kernel(kernel, name):
+    """Config(tma=True) with a split plan or a padded head dim: the pointer kernel, same results."""
+    launched = kernel["__kernels__"][name]
+    assert launched[0] == "_slot_attention_fwd" and "_slot_attention_tma_fwd" not in launched
+    _check(kernel, name)
+
+
+def test_tma_and_pointer_kernels_agree(kernel):
+    torch.testing.assert_close(kernel["tma_streaming"][1], kernel["tma_split_falls_back"][1], **TOL)
+
+
+def test_tma_applies_only_to_no_split_plans_over_tensors_a_descriptor_addresses(monkeypatch):
+    if A.TensorDescriptor is None:
+        pytest.skip("this triton has no host-side tensor descriptors")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # TMA-capable "hardware": the interpreter
+    cache = torch.randn(2, 1, 2, 80, D)  # [layers, B, KV, slots, D], like StaticKVCache
+    k = cache[1, :, :, :60]
+    q = torch.randn(1, 2, 32, D)
+    tma = A.Config(16, 16, 4, 2, splits=1, tma=True)
+    on = A.plan(2, 32, 60, 4, tma, D)
+    assert A.tma_applies(on, q, k, k)
+    q3, k3 = torch.randn(3, 2, 32, D), k.expand(3, -1, -1, -1)  # the cache shared over B = 3 (stride 0)
+    assert A.tma_applies(A.plan(6, 32, 60, 4, tma, D), q3, k3, k3)
+    assert A._descriptor_layout(k3) == ([1, 2, 60, D], [2 * 80 * D, 80 * D, D, 1])
+
+    assert not A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, tma=False), D), q, k, k)
+    assert not A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, splits=3), D), q, k, k)
+    q24, k24 = torch.randn(1, 2, 32, 24), torch.randn(1, 2, 60, 24)  # padded head lanes (24 -> 32)
+    assert not A.tma_applies(A.plan(2, 32, 60, 4, tma, 32), q24, k24, k24)
+    misaligned = torch.randn(1 + 2 * 60 * D)[1:].view(1, 2, 60, D)  # base 4 bytes past an allocation
+    narrow_rows = torch.randn(1, 2, 60, D + 2)[..., :D]  # row stride 136 bytes: no multiple of 16
+    heads_expanded = k[:, :1].expand(1, 2, -1, -1)  # stride 0 over 2 heads
+    for bad in (misaligned, narrow_rows, heads_expanded):
+        assert A._descriptor_layout(bad) is None
+        assert not A.tma_applies(on, q, bad, k) and not A.tma_applies(on, q, k, bad)
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors without the interpreter: no TMA
+    assert not A.tma_applies(on, q, k, k)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(A, "TensorDescriptor", None)  # a triton without host-side descriptors
+    assert not A.tma_applies(on, q, k, k)

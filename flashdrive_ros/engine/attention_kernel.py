@@ -18,12 +18,15 @@ by a second small kernel (Config(fused_merge=False)). Splits past the tile's lar
 nothing to add: in the fused merge they exit at once and are not merged. With many rows
 (prefill) the row tiles alone fill the GPU, so there is one program per row tile and no split.
 In both, a program stops at the largest limit of its rows, so key blocks nobody in the tile sees
-(past the valid length, the causal upper triangle) are never read.
+(past the valid length, the causal upper triangle) are never read. Config(tma=True) runs the no-split
+regime as _slot_attention_tma_fwd instead: Q, K and V arrive through TMA tensor descriptors (sm_90+),
+bulk asynchronous copies into shared memory in place of per-element pointer loads (see tma_applies for
+where it falls back to the pointer kernel).
 
 Graph-safe: no host synchronisation; grid, split count and block sizes come from static shapes and
 the (cached) SM count only. `slot_attention_reference` is the specification in plain PyTorch.
 Tuning: FEW_ROWS / MANY_ROWS / PROGRAMS_PER_SM / MIN_SPLIT_KEYS / FUSED_MERGE / MERGE_FP32_PER_THREAD below (scripts/gpu_attention_check.py
-times the alternatives on the device).
+times the alternatives on the device; `--only prefill --tma-only` the TMA configs of the many-rows regime).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ try:
 except ImportError:  # CPU-only installs: the reference still works, available() says False
     triton = None
     tl = None
+try:  # host-side TMA descriptors (triton >= 3.4); without them Config(tma=True) runs the pointer kernel
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 # --------------------------------------------------------------------------------- configuration
@@ -62,6 +69,10 @@ class Config:
     # merge_group: splits the fused merge loads per step (0: auto, MERGE_ELEMENTS per program).
     fused_merge: bool | None = None
     merge_group: int = 0
+    # No-split regime only: load Q, K and V through TMA tensor descriptors (_slot_attention_tma_fwd).
+    # Off until measured on the device. Where TMA cannot run (a split plan, padded head dims, GPUs
+    # before sm_90, layouts a descriptor cannot address; see tma_applies) the pointer kernel runs.
+    tma: bool = False
 
 
 # Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
@@ -207,6 +218,18 @@ if triton is not None:
         _patch_interpreter_for_numpy_2_4()
 
     @triton.jit
+    def _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys):
+        """Key limit of each folded row (row r is query r % Q), clamped to [0, N]; padding rows get 0."""
+        limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
+        return tl.minimum(tl.maximum(limit.to(tl.int32), 0), n_keys)
+
+    @triton.jit
+    def _output_ptrs(OUT, b, h, rows, offs_d, so_b, so_h, so_j, so_q, n_queries):
+        """Folded row r = j * Q + q: its output address from (j, q), so heads-last layouts need no copy."""
+        return OUT + b * so_b + h * so_h + ((rows // n_queries) * so_j + (rows % n_queries) * so_q)[:, None] \
+            + offs_d[None, :]
+
+    @triton.jit
     def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, offs_n, limit, n_keys, qk_scale, d_ok,
                       MASKED: tl.constexpr, PRECISION: tl.constexpr, PAD_D: tl.constexpr):
         """One online-softmax step over keys [start, start + BLOCK_N). Scores are in log2 units
@@ -226,6 +249,13 @@ if triton is not None:
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        return _online_softmax_step(acc, m_i, l_i, q, k, v, keys, limit, qk_scale, MASKED, PRECISION)
+
+    @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, keys, limit, qk_scale,
+                             MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """Fold the key block k / v (keys: their slots) into the running (acc, m, l) of the rows.
+        MASKED: row r only sees the keys below limit[r]."""
         k = k.to(q.dtype)  # no-op unless the cache dtype differs (or UPCAST made q fp32)
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -268,9 +298,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
 
-        # Folded row r is query r % Q. Limits are clamped to [0, N]; padding rows get 0.
-        limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
-        limit = tl.minimum(tl.maximum(limit.to(tl.int32), 0), n_keys)
+        limit = _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys)
         tile_max = tl.max(limit, 0)
         # FUSED: splits starting at or past the largest limit of the tile ("dead") have nothing to
         # add; every program of the tile computes the same n_live from the same limits, so dead
@@ -311,9 +339,7 @@ if triton is not None:
 
             if USE_PDL:  # the merge (or whatever follows) may start launching; it waits for our stores
                 gdc_launch_dependents()
-            # folded row r = j * Q + q: output address from (j, q), so heads-last layouts need no copy
-            o_ptrs = OUT + b * so_b + h * so_h + ((rows // n_queries) * so_j + (rows % n_queries) * so_q)[:, None] \
-                + offs_d[None, :]
+            o_ptrs = _output_ptrs(OUT, b, h, rows, offs_d, so_b, so_h, so_j, so_q, n_queries)
             if SPLIT:  # partials laid out [B*KV, R, S, (D)] so _merge_splits reads one row's splits at once
                 part = (pid_bh * n_rows + rows) * n_splits + pid_s
                 tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
@@ -398,6 +424,55 @@ if triton is not None:
         tl.store(OUT + b * so_b + h * so_h + o_row[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
+    @triton.jit
+    def _slot_attention_tma_fwd(Q_DESC, K_DESC, V_DESC, LIMIT, OUT, so_b, so_h, so_j, so_q, s_lim,
+                                n_kv, n_rows, n_queries, n_keys, qk_scale,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+        """Config(tma=True), many rows, no split: program (row tile, b * KV + h) as in _slot_attention_fwd,
+        but Q, K and V come through TMA tensor descriptors over [B, KV, N | R, D] (blocks [1, 1, rows, D]):
+        bulk asynchronous copies into shared memory, which the compiler multi-buffers (num_stages) and
+        the dots read in place, with no per-element addresses in registers. The descriptors end at the
+        N key slots and the R rows, and TMA reads zeros past an end: the key tail needs no load mask
+        (its scores are masked by the limits, which are <= N) and the last row tile no row mask."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest tiles first, as in _slot_attention_fwd
+        pid_bh = tl.program_id(1)
+        if USE_PDL:  # see _slot_attention_fwd
+            gdc_wait()
+        b = pid_bh // n_kv
+        h = pid_bh % n_kv
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        limit = _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys)
+        tile_max = tl.max(limit, 0)
+        # Blocks below the smallest limit of the real rows are seen whole by every row: no mask.
+        full = tl.minimum(tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N, tile_max)
+
+        # A descriptor of batch extent 1 (a cache shared over the batch: stride 0) serves every b.
+        q = Q_DESC.load([b % Q_DESC.shape[0], h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+        if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+            q = q.to(tl.float32)
+        kb = b % K_DESC.shape[0]
+        vb = b % V_DESC.shape[0]
+        offs_n = tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, full, BLOCK_N):
+            k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
+                                                 False, PRECISION)
+        for start in range(full, tile_max, BLOCK_N):
+            k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
+                                                 True, PRECISION)
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+        o_ptrs = _output_ptrs(OUT, b, h, rows, tl.arange(0, HEAD_DIM), so_b, so_h, so_j, so_q, n_queries)
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
 
 # ------------------------------------------------------------------------------------------ API
 
@@ -453,6 +528,16 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
     block_d = _pow2_at_least(d)  # padded lanes in registers for dims like 72
     p = plan(b * n_kv, rows, n_keys, sm_count(q), config, block_d)
     c = p.config
+    upcast = _interpreting() and q.dtype != torch.float32
+    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # fp32 in: fp32-exact dots
+    pdl = pdl_enabled(q)
+    if tma_applies(p, q, k, v):
+        _slot_attention_tma_fwd[(p.row_tiles, b * n_kv)](
+            _descriptor(q, c.block_m), _descriptor(k, c.block_n), _descriptor(v, c.block_n), key_limit, out,
+            so_b, so_h, so_j, so_q, key_limit.stride(0), n_kv, rows, n_q, n_keys, scale * math.log2(math.e),
+            HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST=upcast, PRECISION=precision,
+            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **({"launch_pdl": True} if pdl else {}))
+        return out
     split = p.splits > 1
     if split:
         o_part = torch.empty((b * n_kv, rows, p.splits, block_d), dtype=torch.float32, device=q.device)
@@ -461,8 +546,6 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
     else:  # unused pointers
         o_part = m_part = l_part = out
     counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
-    upcast = _interpreting() and q.dtype != torch.float32
-    pdl = pdl_enabled(q)
     _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
         q, k, v, key_limit, out, o_part, m_part, l_part, counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -470,8 +553,7 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
         scale * math.log2(math.e),
         HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
-        GROUP=p.merge_group, UPCAST=upcast,
-        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",  # fp32 in: fp32-exact dots
+        GROUP=p.merge_group, UPCAST=upcast, PRECISION=precision,
         USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **({"launch_pdl": True} if pdl else {}))
     if split and not p.fused_merge:
         mr, mw = MERGE
@@ -480,6 +562,61 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
             n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), ROWS=mr,
             USE_PDL=pdl, num_warps=mw, **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+# ---------------------------------------------------------------------------- TMA (Config.tma)
+# Host-side descriptors (triton.tools.tensor_descriptor), made per call: the launcher encodes each
+# into a CUtensorMap kernel parameter on the host (no device work, no sync), which a CUDA graph
+# captures like any other argument. Device-side descriptors (tl.make_tensor_descriptor) would need
+# triton.set_allocator for their global scratch, a context variable that threads other than the one
+# that set it (ROS executor threads) do not see.
+
+def tma_applies(p: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether slot_attention runs the TMA kernel for this plan and these tensors: Config(tma=True), no
+    split, a power-of-two head dim (no padded lanes: the descriptor's block is the head dim), hardware
+    with TMA (sm_90+, or the interpreter) and q, k, v each addressable by a descriptor."""
+    d = q.shape[-1]
+    return (p.config.tma and p.splits == 1 and d == _pow2_at_least(d) and _tma_hardware(q)
+            and all(_descriptor_layout(t) is not None for t in (q, k, v)))
+
+
+def _tma_hardware(t: torch.Tensor) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if _interpreting():
+        return True
+    return t.is_cuda and _capability_major(t.device.index if t.device.index is not None
+                                           else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def _descriptor_layout(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """(shape, strides) of a TMA descriptor over the [B, H, N, D] tensor t, or None where TMA cannot
+    address it: it needs a 16-byte aligned base, strides that are positive multiples of 16 bytes, and
+    a contiguous last dim. A batch expanded with stride 0 (the cache shared over B) becomes batch
+    extent 1, which the kernel indexes with b % 1 = 0; a dim of extent 1 gets the packed stride (its
+    one index never multiplies it), so a batch-1 view's stride does not matter either."""
+    shape, strides = list(t.shape), list(t.stride())
+    if strides[0] == 0:
+        shape[0] = 1
+    if t.data_ptr() % 16 or strides[-1] != 1:
+        return None
+    for i in (2, 1, 0):
+        if shape[i] == 1:
+            strides[i] = shape[i + 1] * strides[i + 1]
+    if any(st <= 0 or st * t.element_size() % 16 for st in strides[:-1]):
+        return None
+    return shape, strides
+
+
+def _descriptor(t: torch.Tensor, rows_per_block: int):
+    """Descriptor over t (see _descriptor_layout) whose blocks are [1, 1, rows_per_block, D]."""
+    shape, strides = _descriptor_layout(t)
+    return TensorDescriptor(t, shape, strides, [1, 1, rows_per_block, shape[-1]])
 
 
 # ------------------------------------------------------------------------- fused-merge counters
