@@ -85,13 +85,17 @@ class Config:
 FEW_ROWS = Config(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=0)
 FEW_ROWS_TALL = Config(block_m=64, block_n=64, num_warps=4, num_stages=4, splits=0)
 FEW_ROWS_MAX_SHORT = 32  # rows up to this take FEW_ROWS, more FEW_ROWS_TALL
-# Many rows (prefill): row tiles fill the GPU; bigger tiles reuse each K/V block for more rows.
-MANY_ROWS = Config(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1)
+# Many rows (prefill): row tiles fill the GPU, no key split. Q/K/V through TMA descriptors (tma=True, the
+# _slot_attention_tma_fwd kernel; the pointer kernel where a descriptor cannot address the tensors).
+# H100 sweep (scripts/gpu_attention_check.py --only prefill --tma-only, docs/bench/attention_tma_h100.json):
+# full prefill R=12140 186.5 us at 64/64/4 warps/3 stages with TMA against 241.4 us for the former pointer
+# default (128/64/8/3); streaming prefill R=3196 84.9 us against 99.7 us (pointer 64/64/4/3). Both TMA
+# winners are the same tile; 128-row TMA tiles took 100.9-103.1 (streaming) / 215.9-217.8 us (full).
+MANY_ROWS = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, tma=True)
 # Many rows but under two waves of 128-row tiles (the 799-token streaming prefill: 200 tiles on 132 SMs):
-# smaller tiles balance better. H100 sweep (scripts/gpu_attention_check.py): streaming prefill R=3196
-# 99.4 us at 64/64/4 warps/3 stages against 114.9 us at MANY_ROWS; the full prefill (R=12140) stays best
-# at MANY_ROWS (240.5 us).
-MANY_ROWS_SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1)
+# the pointer sweep preferred 64-row tiles there (99.4 us against 114.9 at 128 rows); with TMA the same
+# tile wins for both, so the two regimes share one config now (kept apart for future tuning).
+MANY_ROWS_SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, tma=True)
 # Split regime target: programs per SM, rounded down (one wave: the splits are short, and a second
 # wave or more partials cost more than the idle SMs of one wave; the sweep above: action 7 splits =
 # 112 programs on 132 SMs beat 13 = 208).
