@@ -197,15 +197,42 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @_fused
-def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def _compiled_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms(x, w, eps)
 
 
 @_fused
-def fused_add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
-    """Residual add followed by the next RMSNorm: returns (x + a, norm(x + a))."""
+def _compiled_add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
     y = x + a
     return y, _rms(y, w, eps)
+
+
+# On CUDA the two norms of every decoder layer run as norm_kernels' Triton kernels instead (same
+# roundings): unlike inductor's kernels they take part in programmatic dependent launch with the
+# attention / cache kernels around them (attention_kernel.PDL). The CPU keeps the eager math.
+
+def _norm_kernels(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None):
+    """engine.norm_kernels when its kernels can run on these CUDA operands, else None."""
+    if not x.is_cuda:
+        return None
+    nk = _kernel_module("norm_kernels", x)
+    return nk if nk is not None and nk.supported(x, w, a) else None
+
+
+def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (graphs._rms) of x [..., H]."""
+    nk = _norm_kernels(x, w)
+    return nk.rms_norm(x, w, eps) if nk is not None else _compiled_rms_norm(x, w, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add followed by the next RMSNorm: returns (x + a, norm(x + a))."""
+    nk = _norm_kernels(x, w, a)
+    return nk.add_rms_norm(x, a, w, eps) if nk is not None else _compiled_add_rms_norm(x, a, w, eps)
+
+
+fused_rms_norm.eager = _compiled_rms_norm.eager  # the plain PyTorch math, as for the other chains
+fused_add_rms_norm.eager = _compiled_add_rms_norm.eager
 
 
 def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
