@@ -1,14 +1,18 @@
-"""Runs skinny_linear under Triton's interpreter in a fresh process (helper of test_linear_kernel.py).
+"""Runs skinny_linear / skinny_swiglu under Triton's interpreter in a fresh process (helper of
+test_linear_kernel.py).
 
     python test/linear_interp.py CASES.pt RESULTS.pt
 
 TRITON_INTERPRET=1 only takes effect if it is set before triton's jit decorators run, which an earlier
 import of triton in the pytest process would already have done; hence a separate process. CASES.pt
 maps a name to (x, w, bias, Config fields or None); torch.save keeps views' strides (row / column slices
-of a bigger weight). RESULTS.pt maps the name to (output, w strides as the kernel saw them), and
-"__capture__" to the outputs of the simulated-capture sequence (see capture_sequence). The cases named
-in CASES.pt's "__repeat__" list run a second time with every tensor the launcher allocates filled
-with NaN (output, fp32 partials): RESULTS.pt's "__repeat__" maps each to that second output.
+of a bigger weight). Besides, "__capture__" holds the inputs of the simulated-capture sequence (see
+capture_sequence), "__repeat__" a list of case names to run a second time with every tensor the
+launcher allocates filled with NaN (output, fp32 partials), "__swiglu__" maps a name to (x, w_gate_up,
+Config fields or None) for skinny_swiglu, and "__mlp__" maps a name to (h, gate, up, down weights) for
+graphs._mlp (see mlp_with_and_without_record). RESULTS.pt maps each name to (output, w strides as the
+kernel saw them), "__capture__" to the sequence's outputs, "__repeat__" each of its names to the
+second (poisoned) output, "__swiglu__" and "__mlp__" to their outputs by name.
 """
 
 import os
@@ -60,6 +64,35 @@ def run_poisoned(x, w, bias, cfg):
         torch.empty = empty
 
 
+def mlp_with_and_without_record(h, gate, up, down):
+    """graphs._mlp of a fused MLP on h with the skinny kernels usable (as on a GPU): once with a shipped
+    record for its gate|up SwiGLU shape, once without. Returns both outputs and the skinny_swiglu
+    launches of each run."""
+    from flashdrive_ros.engine import graphs
+    from flashdrive_ros.engine.config import TextConfig
+    from flashdrive_ros.engine.text_model import MLP
+
+    mlp = MLP(TextConfig(hidden_size=gate.shape[1], intermediate_size=gate.shape[0])).to(h.dtype)
+    mlp.load_state_dict({"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down})
+    graphs.fuse_projections(mlp)
+    w = mlp.gate_up_weight
+    key = (-1, str(h.dtype)[6:], h.numel() // h.shape[-1], w.shape[0], w.shape[1], False, True)
+    launches = []
+    real_launch, real_kernels, real_use = L._launch_swiglu, graphs._skinny_kernels, graphs._SHIPPED["use"]
+    L._launch_swiglu = lambda *a: launches.append(a[-1]) or real_launch(*a)
+    graphs._skinny_kernels = lambda x: L
+    try:
+        graphs._SHIPPED["use"] = {key}
+        with_record = graphs._mlp(mlp, h)
+        launches_with = len(launches)
+        graphs._SHIPPED["use"] = set()
+        without = graphs._mlp(mlp, h)
+    finally:
+        L._launch_swiglu, graphs._skinny_kernels, graphs._SHIPPED["use"] = real_launch, real_kernels, real_use
+    return dict(with_record=with_record, without=without, launches_with=launches_with,
+                launches_without=len(launches) - launches_with)
+
+
 def main(cases_path: str, results_path: str) -> None:
     cases = torch.load(cases_path, weights_only=False)
     results = {}
@@ -72,6 +105,9 @@ def main(cases_path: str, results_path: str) -> None:
     results["__capture__"] = capture_sequence(*cases["__capture__"][:3])
     results["__repeat__"] = {name: run_poisoned(*cases[name][:3], L.Config(**cases[name][3]))
                              for name in cases.get("__repeat__", [])}
+    results["__swiglu__"] = {name: L.skinny_swiglu(x, w, config=None if config is None else L.Config(**config))
+                             for name, (x, w, config) in cases.get("__swiglu__", {}).items()}
+    results["__mlp__"] = {name: mlp_with_and_without_record(*args) for name, args in cases.get("__mlp__", {}).items()}
     torch.save(results, results_path)
 
 

@@ -333,3 +333,105 @@ def test_skinny_gemm_is_used_only_for_shapes_tuned_on_this_gpu_model():
         assert data["gpu"] and data["command"]
         for r in data["records"]:
             assert {"dtype", "m", "n", "k", "bias", "block_n", "block_k", "kernel_us", "cublas_us"} <= r.keys()
+
+
+def _record(m, n, k, kernel_us, cublas_us, swiglu=None, **extra):
+    """A shipped tuning record as scripts/gpu_linear_check.py --records writes it (no device)."""
+    r = dict(dtype="bfloat16", m=m, n=n, k=k, bias=False, block_n=64, block_k=128, split_k=1, num_warps=4,
+             num_stages=4, kernel_us=kernel_us, cublas_us=cublas_us, **extra)
+    return r if swiglu is None else dict(r, swiglu=swiglu)
+
+
+def test_shipped_records_pick_the_kernels_that_won_by_five_percent(monkeypatch, tmp_path):
+    """A plain record ships its kernel when it beat cuBLAS by 5%; a swiglu record when it beat both
+    two-kernel paths (cuBLAS + SwiGLU, skinny GEMM + SwiGLU) by 5%. Records without "swiglu" are plain;
+    a balanced ("stream-K") record loads as its balanced config."""
+    from flashdrive_ros.engine import linear_kernel as L
+
+    records = [
+        _record(8, 24576, 4096, 69.0, 74.0),                         # plain gate|up, old format: 0.93x -> ships
+        _record(8, 6144, 4096, 21.0, 21.0, swiglu=False),            # plain qkv, a tie -> cuBLAS
+        _record(8, 24576, 4096, 66.0, 80.0, swiglu=True, skinny_linear_us=68.0),  # < 5% over skinny -> no
+        _record(64, 16512, 2048, 24.0, 31.0, swiglu=True, skinny_linear_us=28.0),  # 0.86x of the best -> ships
+        _record(1, 24576, 4096, 66.0, 72.0, swiglu=True),            # only cuBLAS + SwiGLU timed: 0.92x -> ships
+        dict(_record(8, 4096, 12288, 30.0, 40.0, swiglu=False), split_k=0, programs=264),  # balanced -> ships
+    ]
+    (tmp_path / "linear_fake_gpu.json").write_text(__import__("json").dumps(dict(gpu="Fake GPU", command="-",
+                                                                                   records=records)))
+    monkeypatch.setattr(graphs, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(graphs, "_SHIPPED", {"loaded": set(), "use": set()})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    try:
+        graphs._load_shipped_tuning(L, torch.device("cuda", 0))
+        assert graphs._SHIPPED["use"] == {(0, "bfloat16", 8, 24576, 4096, False, False),
+                                          (0, "bfloat16", 64, 16512, 2048, False, True),
+                                          (0, "bfloat16", 1, 24576, 4096, False, True),
+                                          (0, "bfloat16", 8, 4096, 12288, False, False)}
+        assert len(L._TUNED) == 6  # every record seeds the kernel's config cache, shipped or not
+        balanced = L._TUNED[(0, "bfloat16", 8, 4096, 12288, False, False)].config
+        assert balanced == L.Config(64, 128, 0, 4, 4, programs=264)
+        assert graphs.linear_choices() == {"bfloat16 M1 N24576 K4096 swiglu": "triton+swiglu",
+                                           "bfloat16 M64 N16512 K2048 swiglu": "triton+swiglu",
+                                           "bfloat16 M8 N24576 K4096": "triton",
+                                           "bfloat16 M8 N4096 K12288": "triton"}
+    finally:
+        L.clear_tuned()
+
+
+class _FakeSkinny:
+    """Stands in for linear_kernel on CPU tensors: records which kernel ran, computes its specification."""
+
+    def __init__(self):
+        from flashdrive_ros.engine import linear_kernel as L
+
+        self.L, self.calls = L, []
+
+    def skinny_linear(self, x, w, b=None, tune=True):
+        self.calls.append(("linear", w.shape[0]))
+        return self.L.skinny_linear_reference(x, w, b)
+
+    def skinny_swiglu(self, x, w, tune=True):
+        assert not tune  # graphs never tunes or times at run time
+        self.calls.append(("swiglu", w.shape[0]))
+        return self.L.skinny_swiglu_reference(x, w)
+
+
+def _fused_mlp(seed=5):
+    from flashdrive_ros.engine.config import TextConfig
+    from flashdrive_ros.engine.text_model import MLP
+
+    mlp = MLP(TextConfig(hidden_size=32, intermediate_size=24)).eval()
+    _randomize(mlp, seed)
+    graphs.fuse_projections(mlp)
+    return mlp
+
+
+@pytest.mark.parametrize("shipped", ["none", "swiglu", "swiglu_other_rows", "plain_gate_up"])
+def test_mlp_runs_the_swiglu_epilogue_exactly_where_a_record_ships_it(monkeypatch, shipped):
+    mlp, h = _fused_mlp(), torch.randn(2, 4, 32)
+    gate_up = (-1, "float32", 8, 48, 32, False)
+    use = {"none": set(), "swiglu": {(*gate_up, True)}, "swiglu_other_rows": {(-1, "float32", 64, 48, 32, False, True)},
+           "plain_gate_up": {(*gate_up, False)}}[shipped]
+    fake = _FakeSkinny()
+    monkeypatch.setattr(graphs, "_skinny_kernels", lambda x: fake)  # as on a GPU with the kernels usable
+    monkeypatch.setattr(graphs, "_SHIPPED", {"loaded": set(), "use": use})
+    with torch.no_grad():
+        out = graphs._mlp(mlp, h)
+        unfused = mlp.down_proj(graphs.fused_swiglu(torch.nn.functional.linear(h, mlp.gate_up_weight)))
+    assert fake.calls == {"none": [], "swiglu": [("swiglu", 48)], "swiglu_other_rows": [],
+                          "plain_gate_up": [("linear", 48)]}[shipped]
+    if shipped in ("none", "swiglu_other_rows"):
+        assert torch.equal(out, unfused)  # the old path, op for op
+    else:
+        torch.testing.assert_close(out, unfused, **TOL)
+
+
+def test_on_the_cpu_the_mlp_never_consults_the_skinny_kernels(monkeypatch):
+    """On the CPU the MLP is the unchanged composition, even with a record for its shape."""
+    mlp, h = _fused_mlp(), torch.randn(2, 4, 32)
+    monkeypatch.setattr(graphs, "_SHIPPED", {"loaded": set(), "use": {(-1, "float32", 8, 48, 32, False, True)}})
+    monkeypatch.setattr(graphs, "_kernel_module", lambda *a: pytest.fail("kernel module consulted"))
+    with torch.no_grad():
+        out = graphs._mlp(mlp, h)
+        assert torch.equal(out, mlp.down_proj(graphs.fused_swiglu(torch.nn.functional.linear(h, mlp.gate_up_weight))))
+    assert graphs._skinny_kernels(h) is None

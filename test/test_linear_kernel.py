@@ -7,12 +7,15 @@ fp32 (the interpreter computes tl.dot on 16-bit inputs wrongly, so the kernel up
 interpreting; one bf16 case checks the loads, casts and stores around the dot). Small shapes and forced
 small blocks so that N and K span several blocks, with and without remainders, split and not; the
 balanced mode's cases are chosen so that its shares of the work cut column blocks in every way
-(checked against the pure-Python partition in each test).
+(checked against the pure-Python partition in each test). skinny_swiglu (the gate|up GEMM with the
+SwiGLU as its epilogue) is checked the same way against skinny_swiglu_reference, and graphs._mlp's
+choice of it by a shipped record in the same process.
 """
 
 import itertools
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -37,9 +40,9 @@ def _t(shape, seed, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _row_slice(n, k, seed):
-    """w = rows [10, 10 + n) of a fused [n + 24, k] buffer: base pointer offset, row stride k."""
-    return _t((n + 24, k), seed)[10:10 + n]
+def _row_slice(n, k, seed, scale=1.0, dtype=torch.float32):
+    """w = rows [10, 10 + n) of a fused [n + 24, k] buffer (times scale): base pointer offset, row stride k."""
+    return (_t((n + 24, k), seed) * scale).to(dtype)[10:10 + n]
 
 
 CASES = {
@@ -76,6 +79,29 @@ CASES = {
 }
 REPEAT = ["balanced_m8_bias_n_k_tails", "balanced_m60_row_slice", "balanced_bf16"]  # rerun with NaN-filled memory
 
+# skinny_swiglu: name -> (x, w_gate_up [2I, K], forced config or None = the default config). Weights are
+# scaled by K^-1/2 so that g and u are O(1), where silu is neither linear nor zero.
+SWIGLU_CASES = {
+    "m1_even": lambda: (_t((1, 64), 30), _t((2 * 48, 64), 31) / 8, _cfg(16, 32, 1)),
+    "m8_row_slice_n_and_k_tails": lambda: (_t((8, 160), 32), _row_slice(2 * 40, 160, 33, 1 / 12), _cfg(16, 64, 1)),
+    "m8_split3_n_and_k_tails": lambda: (_t((8, 160), 34), _t((2 * 40, 160), 35) / 12, _cfg(16, 64, 3)),
+    "m64_split2": lambda: (_t((64, 64), 36), _t((2 * 32, 64), 37) / 8, _cfg(32, 32, 2)),
+    "m50_leading_dims_row_slice_split_k_tail": lambda: (_t((2, 25, 96), 38), _row_slice(2 * 48, 96, 39, 1 / 10),
+                                                        _cfg(32, 64, 2)),
+    "default_config": lambda: (_t((3, 160), 40), _t((2 * 40, 160), 41) / 12, None),
+    "bf16": lambda: (_t((8, 160), 42, torch.bfloat16), _row_slice(2 * 48, 160, 43, 1 / 12, torch.bfloat16),
+                     _cfg(32, 64, 1)),
+    "bf16_split": lambda: (_t((8, 160), 42, torch.bfloat16), _row_slice(2 * 48, 160, 43, 1 / 12, torch.bfloat16),
+                           _cfg(32, 64, 2)),
+}
+
+# graphs._mlp with and without a shipped swiglu record: name -> (h, gate, up, down weights)
+MLP_CASES = {
+    "fp32_m8": lambda: (_t((2, 4, 64), 44), _t((48, 64), 45) / 8, _t((48, 64), 46) / 8, _t((64, 48), 47) / 7),
+    "bf16_m8": lambda: tuple(t.bfloat16() for t in
+                             (_t((2, 4, 64), 48), _t((48, 64), 49) / 8, _t((48, 64), 50) / 8, _t((64, 48), 51) / 7)),
+}
+
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
@@ -84,6 +110,8 @@ def kernel(tmp_path_factory):
         pytest.skip("triton is not installed (scripts/setup.sh installs it)")
     d = tmp_path_factory.mktemp("linear_interp")
     inputs = {name: build() for name, build in CASES.items()}
+    inputs["__swiglu__"] = {name: build() for name, build in SWIGLU_CASES.items()}
+    inputs["__mlp__"] = {name: build() for name, build in MLP_CASES.items()}
     torch.save(dict(inputs, __repeat__=REPEAT), d / "cases.pt")
     proc = subprocess.run([sys.executable, str(HERE / "linear_interp.py"), str(d / "cases.pt"), str(d / "out.pt")],
                           capture_output=True, text=True, timeout=240)
@@ -92,6 +120,8 @@ def kernel(tmp_path_factory):
     out = {name: (inputs[name], *results[name]) for name in CASES if name != "__capture__"}
     out["__capture__"] = (inputs["__capture__"], results["__capture__"])
     out["__repeat__"] = results["__repeat__"]
+    for group in ("__swiglu__", "__mlp__"):
+        out[group] = {name: (inputs[group][name], results[group][name]) for name in inputs[group]}
     return out
 
 
@@ -220,6 +250,61 @@ def test_balanced_configs_are_marked_by_split_k_0_and_programs():
             L.Config(**dict(dict(block_n=64, block_k=128, num_warps=4, num_stages=4), **bad))
 
 
+# ------------------------------------------------------------------------- skinny_swiglu == specification
+
+@pytest.mark.parametrize("name", [n for n in SWIGLU_CASES if not n.startswith("bf16")])
+def test_swiglu_epilogue_matches_the_specification(kernel, name):
+    (x, w, _), out = kernel["__swiglu__"][name]
+    ref = L.skinny_swiglu_reference(x, w)
+    assert out.shape == (*x.shape[:-1], w.shape[0] // 2) and out.dtype == x.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_swiglu_specification_is_silu_of_the_gate_rows_times_the_up_rows():
+    x, w = torch.randn(3, 16, dtype=torch.float64), torch.randn(2 * 8, 16, dtype=torch.float64)
+    g, u = x @ w[:8].T, x @ w[8:].T
+    torch.testing.assert_close(L.skinny_swiglu_reference(x.float(), w.float()), (g * torch.sigmoid(g) * u).float())
+
+
+def test_swiglu_reads_gate_and_up_rows_of_a_row_slice_in_place(kernel):
+    (x, w, _), out = kernel["__swiglu__"]["m50_leading_dims_row_slice_split_k_tail"]
+    assert w.storage_offset() > 0 and w.stride() == (96, 1) and out.shape == (2, 25, 48)
+    torch.testing.assert_close(out, L.skinny_swiglu_reference(x, w), **TOL)
+
+
+def test_swiglu_split_applies_the_nonlinearity_to_the_full_sums(kernel):
+    """silu of each split's partial, summed, would be a different function: the split result must be
+    the unsplit one (the same K sums, in another order)."""
+    (x, w, _), split = kernel["__swiglu__"]["m8_split3_n_and_k_tails"]
+    g, u = F.linear(x, w).chunk(2, dim=-1)
+    torch.testing.assert_close(split, F.silu(g) * u, **TOL)
+
+
+@pytest.mark.parametrize("name", ["bf16", "bf16_split"])
+def test_bf16_swiglu_rounds_once_from_fp32(kernel, name):
+    """The fp32 silu(g) * u rounded once to bf16: within one bf16 ulp (2^-7 relative) of the reference
+    (the fp32 sums may differ in their last bits), where the two-kernel path rounds g|u first."""
+    (x, w, _), out = kernel["__swiglu__"][name]
+    ref = L.skinny_swiglu_reference(x, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MLP_CASES))
+def test_mlp_takes_the_swiglu_epilogue_only_with_a_shipped_record(kernel, name):
+    (h, gate, up, down), r = kernel["__mlp__"][name]
+    assert r["launches_with"] == 1 and r["launches_without"] == 0
+    g, u = F.linear(h.float(), gate.float()), F.linear(h.float(), up.float())
+    exact = F.linear(F.silu(g) * u, down.float())
+    tol = TOL if h.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: roundings in between
+    torch.testing.assert_close(r["with_record"].float(), exact, **tol)
+    torch.testing.assert_close(r["with_record"], r["without"], **tol)
+    # without a record: the unfused path, op for op (one gate|up GEMM, eager SwiGLU on the CPU, down GEMM)
+    g, u = F.linear(h, torch.cat([gate, up])).chunk(2, dim=-1)
+    assert torch.equal(r["without"], F.linear(F.silu(g) * u, down))
+
+
 # ------------------------------------------------------------------------------- host side (in process)
 
 def _fake_kernel(monkeypatch):
@@ -227,7 +312,9 @@ def _fake_kernel(monkeypatch):
     launches, tunes = [], []
     monkeypatch.setattr(L, "available", lambda t: True)
     monkeypatch.setattr(L, "_launch", lambda x2, w, b, c: launches.append(c) or F.linear(x2, w, b))
-    monkeypatch.setattr(L, "_tune", lambda x2, w, b: tunes.append(x2.shape) or L.Tuned(L.Config(64, 128, 1, 4, 4), 1.0, 2.0))
+    monkeypatch.setattr(L, "_launch_swiglu", lambda x2, w, c: launches.append(c) or L.skinny_swiglu_reference(x2, w))
+    monkeypatch.setattr(L, "_tune", lambda x2, w, b, swiglu=False: tunes.append(x2.shape)
+                        or L.Tuned(L.Config(64, 128, 1, 4, 4), 1.0, 2.0))
     monkeypatch.setattr(L, "sm_count", lambda t: 132)
     L.clear_tuned()
     return launches, tunes
@@ -303,6 +390,96 @@ def test_the_tuner_times_the_balanced_candidates_with_the_others_and_keeps_the_f
     assert [c for c, _ in t.sweep] == cands and any(not c.balanced for c in cands)
 
 
+def test_a_tuning_budget_cuts_the_sweep_after_timing_both_kinds_alternately(monkeypatch):
+    """TUNE_BUDGET_S: no candidate is started past the deadline; split-K and balanced grids are timed in
+    turn, so a cut leaves both kinds; the sweep lists what was timed in candidates' order."""
+    testing = pytest.importorskip("triton.testing")
+    x, w = torch.randn(8, 256), torch.randn(512, 256)
+    clock = [0.0]  # each timed call takes a second of this clock
+    monkeypatch.setattr(L, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(L, "sm_count", lambda t: 4)
+    monkeypatch.setattr(L, "_launch", lambda x2, w, b, c: None)
+
+    def do_bench(fn, **kw):
+        fn()
+        clock[0] += 1.0
+        return 0.002
+
+    monkeypatch.setattr(testing, "do_bench", do_bench)
+    monkeypatch.setattr(L, "TUNE_BUDGET_S", 3.5)
+    t = L._tune(x, w, None)
+    cands = L.candidates(8, 512, 256, 4, 4)
+    timed = [c for c, _ in t.sweep]
+    assert len(timed) == 4 and sum(c.balanced for c in timed) == 2  # started at 0, 1, 2 and 3 s
+    assert timed == [c for c in cands if c in timed] and t.config == timed[0]  # ties: the first candidate
+
+
+def test_the_swiglu_tuner_times_split_grids_only(monkeypatch):
+    testing = pytest.importorskip("triton.testing")
+    x, w = torch.randn(8, 256), torch.randn(2 * 512, 256)
+    launched = []
+    monkeypatch.setattr(L, "sm_count", lambda t: 4)
+    monkeypatch.setattr(L, "_launch_swiglu", lambda x2, w, c: launched.append(c))
+    monkeypatch.setattr(testing, "do_bench", lambda fn, **kw: 0.001 if fn() is None else 0.005)  # F.linear: a tensor
+    t = L._tune(x, w, None, swiglu=True)
+    assert launched and not any(c.balanced for c in launched)
+    assert [c for c, _ in t.sweep] == L.candidates(8, 512, 256, 4, 4, tiles=2)
+    assert any(c.balanced for c in L.candidates(8, 512, 256, 4, 4))  # the plain GEMM of that size has some
+
+
+def test_swiglu_has_its_own_cache_entries_and_never_tunes_during_capture(monkeypatch):
+    launches, tunes = _fake_kernel(monkeypatch)
+    x, w = torch.randn(8, 32), torch.randn(2 * 48, 32)
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    y = L.skinny_swiglu(x, w)  # never tuned: the two-kernel path, nothing cached
+    assert torch.equal(y, L.swiglu_reference(F.linear(x, w))) and not launches and L.tuned(x, w, swiglu=True) is None
+    monkeypatch.setattr(L, "_capturing", lambda: False)
+    L.skinny_linear(x, w)  # the plain GEMM of the same weight: a separate entry
+    L.skinny_swiglu(x, w)
+    plain, swiglu = L.tuned(x, w), L.tuned(x, w, swiglu=True)
+    assert plain.config == L.default_config(8, 96, 32, 132, 4)
+    assert swiglu.config == L.default_config(8, 48, 32, 132, 4, tiles=2)  # I columns, two weight tiles
+    assert launches == [plain.config, swiglu.config] and not tunes
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    L.skinny_swiglu(x, w)
+    assert launches[-1] == swiglu.config and not tunes
+
+
+def test_export_and_load_carry_the_swiglu_flag_and_old_records_are_plain(monkeypatch):
+    launches, _ = _fake_kernel(monkeypatch)
+    x, w = torch.randn(8, 32), torch.randn(2 * 48, 32)
+    plain_cfg, swiglu_cfg = L.Config(32, 256, 4, 8, 5), L.Config(64, 128, 2, 4, 4)
+    old = dict(device=-1, dtype="float32", m=8, n=96, k=32, bias=False, **plain_cfg.__dict__)  # no "swiglu"
+    L.load_tuned([old, dict(old, swiglu=True, **swiglu_cfg.__dict__)])
+    assert L.tuned(x, w).config == plain_cfg and L.tuned(x, w, swiglu=True).config == swiglu_cfg
+    rec = L.export_tuned()
+    assert sorted(r["swiglu"] for r in rec) == [False, True]
+    L.clear_tuned()
+    L.load_tuned(rec)
+    monkeypatch.setattr(L, "_capturing", lambda: True)
+    L.skinny_linear(x, w)
+    L.skinny_swiglu(x, w)
+    assert launches == [plain_cfg, swiglu_cfg]
+    L.clear_tuned()
+
+
+def test_swiglu_needs_gate_and_up_halves():
+    with pytest.raises(ValueError, match="2I, K"):
+        L.skinny_swiglu(torch.randn(5, 32), torch.randn(95, 32))
+
+
+@pytest.mark.parametrize("why", ["rows", "dtype"])
+def test_swiglu_calls_the_kernel_cannot_take_are_the_two_kernel_path(monkeypatch, why):
+    launches, _ = _fake_kernel(monkeypatch)
+    x, w = torch.randn(5, 32), torch.randn(2 * 48, 32)
+    if why == "rows":
+        x = torch.randn(L.MAX_ROWS + 1, 32)
+    else:
+        x, w = x.double(), w.double()
+    assert torch.equal(L.skinny_swiglu(x, w), L.swiglu_reference(F.linear(x, w))) and not launches
+    L.clear_tuned()
+
+
 @pytest.mark.parametrize("why", ["rows", "dtype", "k", "no_triton"])
 def test_unsupported_calls_are_f_linear(monkeypatch, why):
     launches, _ = _fake_kernel(monkeypatch)
@@ -356,6 +533,28 @@ def test_candidates_include_every_fitting_tile_balanced_over_one_and_two_program
         assert {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in bal} == enough
         assert all(c.split_k == 0 and L._programs(c, n, k) == programs for c in bal)
     assert L.split_candidates(m, n, k, 132) == [c for c in cands if not c.balanced]
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 16512, 2048), (8, 24576, 4096), (1, 24576, 4096)])
+def test_swiglu_candidates_fit_two_weight_tiles_and_fill_an_h100(m, n, k):
+    sms, i = 132, n // 2
+    cands = L.candidates(m, i, k, sms, tiles=2)
+    assert cands and len(cands) <= 32
+    for c in cands:
+        assert L._smem(c, m, 2, tiles=2) <= L.SMEM_BYTES
+        assert L._programs(c, i, k) >= 0.9 * sms
+        assert not c.balanced and L._n_splits(c, k) == c.split_k  # its kernel has no balanced mode
+    assert cands == L.split_candidates(m, i, k, sms, tiles=2)
+    assert any(L._smem(c, m, 2, tiles=2) > L.SMEM_BYTES for c in L.split_candidates(m, i, k, sms))  # the filter bites
+    assert L.default_config(m, i, k, sms, tiles=2) in cands
+
+
+def test_swiglu_refuses_a_balanced_config():
+    balanced = L.Config(64, 128, 0, 4, 4, programs=132)
+    with pytest.raises(ValueError, match="balanced"):
+        L.skinny_swiglu(torch.randn(5, 32), torch.randn(96, 32), config=balanced)
+    with pytest.raises(ValueError, match="balanced"):
+        L._launch_swiglu(torch.randn(5, 32), torch.randn(96, 32), balanced)
 
 
 def test_chunks_cover_k_exactly():
@@ -422,3 +621,48 @@ def test_balanced_kernel_compiles_for_hopper_with_a_multi_buffered_pipeline(bloc
     assert k.asm["ttgir"].count("async_copy_global") == 2 * stages
     smem = L._smem(L.Config(bn, bk, 1, warps, stages), block_m, 2)
     assert smem <= L.SMEM_BYTES and 0.7 * smem <= k.metadata.shared <= smem + bn * 128 <= 227 * 1024
+
+
+def _compile_swiglu_for_hopper(block_m, tile, split, use_pdl=False):
+    """_skinny_swiglu_fwd compiled offline for sm_90 with the alignment the JIT specializes on for model weights."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16", "P": "*fp32", "M": "i32", "I": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32"}
+    names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION",
+                         "RNE_BF16", "USE_PDL"]
+    sig.update({n: "constexpr" for n in names[len(sig):]})
+    aligned = ("X", "WG", "WU", "Y", "P", "I", "K", "stride_xm", "stride_wn", "chunk")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    bn, bk, warps, stages = tile
+    consts = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, EVEN_N=True, EVEN_K=True, UPCAST=False,
+                  PRECISION="tf32", RNE_BF16=False, USE_PDL=use_pdl)
+    return L.triton.compile(ASTSource(L._skinny_swiglu_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+
+
+@pytest.mark.parametrize("block_m,tile,split", [(16, (32, 256, 4, 4), False), (64, (64, 128, 4, 4), True)])
+def test_swiglu_kernel_compiles_for_hopper_with_both_weight_streams_multi_buffered(block_m, tile, split):
+    """As above for _skinny_swiglu_fwd: gate, up and x tiles all cp.async, multi-buffered, within
+    _smem's two-tile estimate (the candidate filter's bound)."""
+    if L.triton is None:
+        pytest.skip("triton is not installed (scripts/setup.sh installs it)")
+    k = _compile_swiglu_for_hopper(block_m, tile, split)
+    bn, bk, warps, stages = tile
+    assert k.asm["ttgir"].count("async_copy_global") == 3 * stages
+    bound = L._smem(L.Config(bn, bk, 1, warps, stages), block_m, 2, tiles=2)
+    assert 0.7 * bound <= k.metadata.shared <= bound
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_swiglu_kernel_with_pdl_waits_first_and_releases_after_its_k_loop(split):
+    """USE_PDL as in the other GEMMs: griddepcontrol.wait before any load, launch_dependents once the
+    weights are streamed (before the epilogue's stores); without it, neither."""
+    if L.triton is None:
+        pytest.skip("triton is not installed (scripts/setup.sh installs it)")
+    ptx = _compile_swiglu_for_hopper(16, (64, 128, 4, 4), split, use_pdl=True).asm["ptx"]
+    wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    loads = [i for i in (ptx.find("cp.async"), ptx.find("ld.global")) if i >= 0]
+    assert 0 <= wait < min(loads)
+    assert max(ptx.rfind("cp.async"), ptx.rfind("mma")) < launch < ptx.rfind("st.global")
+    assert "griddepcontrol" not in _compile_swiglu_for_hopper(16, (64, 128, 4, 4), split).asm["ptx"]

@@ -370,9 +370,12 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask: torc
 # Few-row GEMMs (decode / verify / the 64 action tokens) are weight-bandwidth bound, and cuBLAS's kernels
 # for them lose to fixed latency on narrow weights. The Triton skinny GEMM (engine/linear_kernel.py) is
 # used for a GEMM shape only where a tuning record shipped for this GPU model says it beat cuBLAS
-# (engine/tuned/linear_<gpu>.json, written by scripts/gpu_linear_check.py --out): nothing is tuned or
-# timed at run time, so a drive node never stalls on a first call.
+# (engine/tuned/linear_<gpu>.json, written by scripts/gpu_linear_check.py --records): nothing is tuned or
+# timed at run time, so a drive node never stalls on a first call. The same holds for an MLP's gate|up
+# GEMM with the SwiGLU as its epilogue (linear_kernel.skinny_swiglu, records with "swiglu": true), which
+# must beat both two-kernel paths (cuBLAS or the skinny GEMM, then fused_swiglu) by 5%.
 SKINNY_ROWS = 128
+SHIPPED_MARGIN = 0.95  # a record ships its kernel when kernel_us < SHIPPED_MARGIN * the alternative's time
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _SHIPPED: dict = {"loaded": set(), "use": set()}
 
@@ -380,6 +383,15 @@ _SHIPPED: dict = {"loaded": set(), "use": set()}
 def tuned_linear_file(gpu_name: str) -> Path:
     slug = "".join(c if c.isalnum() else "_" for c in gpu_name.lower()).strip("_")
     return TUNED_DIR / f"linear_{slug}.json"
+
+
+def _record_wins(r: dict) -> bool:
+    """A shipped record's kernel beat its alternative(s) by the margin. A swiglu record's alternatives:
+    cuBLAS gate|up + SwiGLU (cublas_us) and, when measured, the skinny GEMM + SwiGLU (skinny_linear_us)."""
+    if not (r.get("kernel_us") and r.get("cublas_us")):
+        return False
+    alternative = min(r["cublas_us"], r.get("skinny_linear_us") or float("inf"))
+    return r["kernel_us"] < SHIPPED_MARGIN * alternative
 
 
 def _load_shipped_tuning(lk, device: torch.device) -> None:
@@ -392,28 +404,51 @@ def _load_shipped_tuning(lk, device: torch.device) -> None:
     for r in json.loads(path.read_text())["records"]:
         r = dict(r, device=device.index if device.index is not None else torch.cuda.current_device())
         lk.load_tuned([r])
-        if r.get("kernel_us") and r.get("cublas_us") and r["kernel_us"] < 0.95 * r["cublas_us"]:
-            _SHIPPED["use"].add((r["device"], r["dtype"], r["m"], r["n"], r["k"], r["bias"]))
+        if _record_wins(r):
+            _SHIPPED["use"].add(lk.record_key(r))
 
 
 def linear_choices() -> dict[str, str]:
-    """The GEMM shapes that run the Triton skinny GEMM (for the benchmark report)."""
-    return {f"{k[1]} M{k[2]} N{k[3]} K{k[4]}": "triton" for k in sorted(_SHIPPED["use"])}
+    """The GEMM shapes that run the Triton skinny GEMM (for the benchmark report); "triton+swiglu": the
+    gate|up GEMM of that shape with the SwiGLU in its epilogue."""
+    return {f"{k[1]} M{k[2]} N{k[3]} K{k[4]}{' swiglu' if k[6] else ''}": "triton+swiglu" if k[6] else "triton"
+            for k in sorted(_SHIPPED["use"])}
+
+
+def _skinny_kernels(x: torch.Tensor):
+    """linear_kernel (its shipped records loaded) when x's GEMMs may run the skinny kernels: a CUDA tensor
+    with <= SKINNY_ROWS rows and the kernels usable; else None."""
+    if x.numel() // x.shape[-1] > SKINNY_ROWS or not x.is_cuda:
+        return None
+    lk = _kernel_module("linear_kernel", x)
+    if lk is not None:
+        _load_shipped_tuning(lk, x.device)
+    return lk
+
+
+def _shipped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, swiglu: bool) -> bool:
+    """Whether a shipped record says the kernel wins for this call's shape (the key of linear_kernel._key)."""
+    dev = x.device.index if x.is_cuda else -1
+    return (dev, str(x.dtype)[6:], x.numel() // x.shape[-1], w.shape[0], w.shape[1], b is not None,
+            swiglu) in _SHIPPED["use"]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b), or the Triton skinny GEMM for shapes tuned faster on this GPU model."""
-    rows = x.numel() // x.shape[-1]
-    if rows > SKINNY_ROWS or not x.is_cuda:
-        return F.linear(x, w, b)
-    lk = _kernel_module("linear_kernel", x)
-    if lk is None:
-        return F.linear(x, w, b)
-    _load_shipped_tuning(lk, x.device)
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if (dev, str(x.dtype)[6:], rows, w.shape[0], w.shape[1], b is not None) in _SHIPPED["use"]:
+    lk = _skinny_kernels(x)
+    if lk is not None and _shipped(x, w, b, swiglu=False):
         return lk.skinny_linear(x, w, b, tune=False)
     return F.linear(x, w, b)
+
+
+def gate_up_swiglu(h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate|up projection of h: one skinny GEMM with the SwiGLU in its
+    epilogue for shapes a shipped record measured faster on this GPU model, else the GEMM (`linear`)
+    followed by fused_swiglu."""
+    lk = _skinny_kernels(h)
+    if lk is not None and _shipped(h, gate_up_weight, None, swiglu=True):
+        return lk.skinny_swiglu(h, gate_up_weight, tune=False)
+    return fused_swiglu(linear(h, gate_up_weight))
 
 
 def _out_proj(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -443,7 +478,7 @@ def _split_qkv(attn: Attention, qkv: torch.Tensor):
 def _mlp(mlp: MLP, h: torch.Tensor) -> torch.Tensor:
     if hasattr(mlp, "gate_up_weight"):
         d = mlp.down_proj
-        return linear(fused_swiglu(linear(h, mlp.gate_up_weight)), d.weight, d.bias)
+        return linear(gate_up_swiglu(h, mlp.gate_up_weight), d.weight, d.bias)
     return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
@@ -959,6 +994,6 @@ __all__ = [
     "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "drafter_forward", "linear", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "drafter_forward", "linear", "gate_up_swiglu", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
     "set_fused_layers", "FUSED_LAYER_ROWS",
 ]

@@ -24,15 +24,15 @@ column blocks; a column block it streams whole it finishes itself (bias, cast), 
 fp32 partial in a fixed slot, and `_reduce_balanced` sums a split block's partials in program order:
 bitwise reproducible, no atomics. The reduce is launched only when some block is split.
 
-Tuning: per shape key (device, dtype, M, N, K, bias?) the first call outside CUDA-graph capture times
-the `candidates` of the shape (split-K grids and balanced grids; triton.testing.do_bench, L2 flushed
-between runs, so weights come from HBM as in the model) and caches the winner (also the cuBLAS time of
-the same call, for the caller's choice; Tuned.sweep keeps every candidate's time). This is what
-triton.autotune does, done by hand because the workspace and the reduce launch depend on the config.
-After that a call is a dict lookup, an allocation and one or two launches: no host synchronisation,
-capturable. A call during capture for a shape never tuned
-does not benchmark (that would break the capture): it runs F.linear. Under Triton's interpreter (or
-`tune=False`) the heuristic `default_config` is cached instead of timing anything.
+Tuning: per shape key (device, dtype, M, N, K, bias?, swiglu?) the first call outside CUDA-graph capture
+times the `candidates` of the shape (split-K grids and balanced grids; triton.testing.do_bench, L2
+flushed between runs, so weights come from HBM as in the model) and caches the winner (also the cuBLAS
+time of the same call, for the caller's choice; Tuned.sweep keeps every timed candidate's time;
+TUNE_BUDGET_S caps the wall-clock time per shape). This is what triton.autotune does, done by hand
+because the workspace and the reduce launch depend on the config. After that a call is a dict lookup,
+an allocation and one or two launches: no host synchronisation, capturable. A call during capture for a
+shape never tuned does not benchmark (that would break the capture): it runs F.linear. Under Triton's
+interpreter (or `tune=False`) the heuristic `default_config` is cached instead of timing anything.
 `export_tuned()` / `load_tuned()` keep the choices across processes.
 
 Pipelining: the W and x tiles go through cp.async multi-buffering only when Triton knows the pointers
@@ -42,6 +42,18 @@ every model weight (also row slices of fused buffers, K * 2 bytes per row). Othe
 but unpipelined.
 
 `skinny_linear_reference` is the specification: F.linear in fp32, cast back.
+
+SwiGLU epilogue: `skinny_swiglu(x, w_gate_up)` = silu(x @ Wg^T) * (x @ Wu^T) for an MLP's fused gate|up
+weight [2I, K] (gate rows [0, I), up rows [I, 2I); the layout is not changed). Each program streams the
+gate rows and the up rows of its BLOCK_N output columns (two weight tiles per K step, two fp32
+accumulators), applies the SwiGLU in fp32 and stores [M, I] once, instead of the [M, 2I] GEMM output
+plus a separate SwiGLU kernel (~2-3 us per layer in a CUDA graph). Split K writes the fp32 partials of
+g and u; the reduce applies the SwiGLU to the full sums. Configs as above with two weight tiles in the
+shared memory budget (`candidates(..., tiles=2)`); tuned choices are cached under their own key
+(swiglu=True; records carry the flag, records without it are plain GEMMs), timed against cuBLAS +
+SwiGLU. It has no balanced mode: its candidates are the split-K grids only. Programmatic dependent
+launch as for the plain kernels. `skinny_swiglu_reference` is its specification (fp32 GEMM and SwiGLU,
+rounded once).
 
 `fused_linear` (second half of this file) is the same kernel structure, split_k 1, with a decoder
 layer's elementwise neighbours folded in (RMSNorm or SwiGLU prologue, residual-add epilogue) for the
@@ -53,6 +65,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 import functools
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +130,10 @@ MIN_PROGRAMS_PER_SM = 0.9
 MAX_PROGRAMS_PER_SM = 2
 SMEM_BYTES = 200 * 1024  # per-program pipeline buffers must fit (H100: 227 KB per block)
 TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25  # do_bench per candidate
+# Wall-clock cap on one shape's tuning, compiles included (None: every candidate is timed). A script with
+# a time limit sets it; the candidates are timed alternately from the split-K and the balanced lists, so
+# that a cut leaves both kinds represented.
+TUNE_BUDGET_S: float | None = None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -143,25 +160,31 @@ def _n_splits(c: Config, k: int) -> int:
     return _cdiv(k, _chunk(c, k))
 
 
-def _smem(c: Config, m: int, elt: int) -> int:
-    return c.num_stages * (c.block_n + block_m(m)) * c.block_k * elt
+def _smem(c: Config, m: int, elt: int, tiles: int = 1) -> int:
+    """Pipeline buffers per program: num_stages x (`tiles` weight tiles + the x tile) x block_k."""
+    return c.num_stages * (tiles * c.block_n + block_m(m)) * c.block_k * elt
 
 
-def _fits(c: Config, m: int, k: int, elt: int) -> bool:
+def _fits(c: Config, m: int, k: int, elt: int, tiles: int = 1) -> bool:
     """Pipeline buffers fit in shared memory and block_k is no longer than K needs."""
-    return _smem(c, m, elt) <= SMEM_BYTES and (c.block_k <= 64 or c.block_k // 2 < k)
+    return _smem(c, m, elt, tiles) <= SMEM_BYTES and (c.block_k <= 64 or c.block_k // 2 < k)
 
 
-def candidates(m: int, n: int, k: int, sms: int, elt: int = 2) -> list[Config]:
+def candidates(m: int, n: int, k: int, sms: int, elt: int = 2, tiles: int = 1) -> list[Config]:
     """The configs worth timing for this shape: the split-K grids of `split_candidates`, then the
-    balanced ones of `balanced_candidates`. Never empty."""
-    return split_candidates(m, n, k, sms, elt) + balanced_candidates(m, n, k, sms, elt)
+    balanced ones of `balanced_candidates`. Never empty. n: output columns; tiles: weight tiles
+    streamed per output column block (2: skinny_swiglu's gate and up rows; its kernel has no balanced
+    mode, so it gets the split-K grids only)."""
+    split = split_candidates(m, n, k, sms, elt, tiles)
+    if tiles > 1:
+        return split
+    return split + balanced_candidates(m, n, k, sms, elt)
 
 
-def split_candidates(m: int, n: int, k: int, sms: int, elt: int = 2) -> list[Config]:
-    """The CONFIGS worth timing for this shape: pipeline buffers fit, block_k no longer than K needs,
-    and a program count that fills the GPU without needless splitting. Never empty."""
-    fit = [c for c in CONFIGS if _fits(c, m, k, elt) and (c.split_k == 1 or _n_splits(c, k) == c.split_k)]
+def split_candidates(m: int, n: int, k: int, sms: int, elt: int = 2, tiles: int = 1) -> list[Config]:
+    """The CONFIGS worth timing for this shape: pipeline buffers (`tiles` weight tiles) fit, block_k no
+    longer than K needs, and a program count that fills the GPU without needless splitting. Never empty."""
+    fit = [c for c in CONFIGS if _fits(c, m, k, elt, tiles) and (c.split_k == 1 or _n_splits(c, k) == c.split_k)]
     good = [c for c in fit if _programs(c, n, k) >= MIN_PROGRAMS_PER_SM * sms
             and (c.split_k == 1 or _cdiv(n, c.block_n) * (c.split_k // 2) < MAX_PROGRAMS_PER_SM * sms)]
     if good:
@@ -181,10 +204,10 @@ def balanced_candidates(m: int, n: int, k: int, sms: int, elt: int = 2) -> list[
     return [c for c in cands if _fits(c, m, k, elt) and c.programs <= _units(c, n, k) < 2 ** 31 // c.programs]
 
 
-def default_config(m: int, n: int, k: int, sms: int, elt: int = 2) -> Config:
+def default_config(m: int, n: int, k: int, sms: int, elt: int = 2, tiles: int = 1) -> Config:
     """Heuristic pick without timing (interpreter, tune=False): 64 x 128 tiles, 4 stages, split K
     until there is a program per SM."""
-    cands = candidates(m, n, k, sms, elt)
+    cands = candidates(m, n, k, sms, elt, tiles)
     for pref in (Config(64, 128, s, 4, 4) for s in SPLITS):
         if pref in cands:
             return pref
@@ -376,6 +399,94 @@ if triton is not None:
                 acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _round(x, dt: tl.constexpr, RNE_BF16: tl.constexpr):
+        """fp32 x -> dt, round to nearest even. Triton's interpreter truncates fp32 -> bf16 casts (the
+        GPU rounds): with RNE_BF16 the rounding is done on the bits first, so the cast is exact."""
+        if RNE_BF16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+        return x.to(dt)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_swiglu_fwd(X, WG, WU, Y, P, M, I, K, stride_xm, stride_wn, chunk,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
+        """_skinny_linear_fwd over two weights at once: program (column block, split) streams gate rows
+        WG[n] and up rows WU[n] (= gate row I + n of the fused buffer) against one x tile per K step.
+        SPLIT: store the fp32 partials at P[split, m, n] (gate) and P[split, m, I + n] (up), for
+        _reduce_swiglu_splits; otherwise store Y[m, n] = silu(g) * u, computed in fp32, rounded once."""
+        if USE_PDL:  # see _skinny_linear_fwd
+            gdc_wait()
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < I
+        m_ok = offs_m < M
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, K)
+        w_offs = offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
+        wg_ptrs = WG + w_offs
+        wu_ptrs = WU + w_offs
+        x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+                if EVEN_N:
+                    wg = tl.load(wg_ptrs)
+                    wu = tl.load(wu_ptrs)
+                else:
+                    wg = tl.load(wg_ptrs, mask=n_ok[:, None], other=0.0)
+                    wu = tl.load(wu_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = (start + offs_k) < K
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                x = x.to(tl.float32)
+                wg = wg.to(tl.float32)
+                wu = wu.to(tl.float32)
+            acc_g = tl.dot(wg, tl.trans(x), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision=PRECISION)
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        if USE_PDL:
+            gdc_launch_dependents()
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT:
+            p_ptrs = P + (pid_s * M + offs_m[None, :]) * (2 * I) + offs_n[:, None]
+            tl.store(p_ptrs, acc_g, mask=out_mask)
+            tl.store(p_ptrs + I, acc_u, mask=out_mask)
+        else:
+            y = _round(acc_g * tl.sigmoid(acc_g) * acc_u, Y.dtype.element_ty, RNE_BF16)
+            tl.store(Y + offs_m[None, :] * I + offs_n[:, None], y, mask=out_mask)
+
+    @triton.jit
+    def _reduce_swiglu_splits(P, Y, total, I, SPLITS: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr,
+                              USE_PDL: tl.constexpr = False):
+        """Y[m, n] = silu(g) * u over the flattened [M, I] outputs, g and u the sums over the splits of
+        the partials P[s, m, n] and P[s, m, I + n] (P: [SPLITS, M, 2I]): the SwiGLU sees the full sums."""
+        if USE_PDL:
+            gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < total
+        g_offs = offs + (offs // I) * I  # m * 2I + n for offs = m * I + n
+        g = tl.load(P + g_offs, mask=ok, other=0.0)
+        u = tl.load(P + g_offs + I, mask=ok, other=0.0)
+        for s in tl.static_range(1, SPLITS):
+            g += tl.load(P + s * 2 * total + g_offs, mask=ok, other=0.0)
+            u += tl.load(P + s * 2 * total + g_offs + I, mask=ok, other=0.0)
+        tl.store(Y + offs, _round(g * tl.sigmoid(g) * u, Y.dtype.element_ty, RNE_BF16), mask=ok)
+
 
 # ------------------------------------------------------------------------------------------ API
 
@@ -389,16 +500,17 @@ def available(t: torch.Tensor) -> bool:
 class Tuned:
     config: Config
     kernel_us: float | None = None  # do_bench median of the winner (None: not timed)
-    cublas_us: float | None = None  # do_bench median of F.linear on the same call
+    cublas_us: float | None = None  # do_bench median of F.linear on the same call (swiglu: + F.silu(g) * u)
     sweep: tuple = field(default=(), compare=False, repr=False)  # (Config, us) of every candidate timed
 
 
+# (device, dtype, M, N, K, bias?, swiglu?) -> Tuned; N is the weight's row count (skinny_swiglu: 2I)
 _TUNED: dict[tuple, Tuned] = {}
 
 
-def _key(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def _key(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> tuple:
     dev = x2.device.index if x2.is_cuda else -1
-    return (dev, str(x2.dtype)[6:], x2.shape[0], w.shape[0], w.shape[1], bias is not None)
+    return (dev, str(x2.dtype)[6:], x2.shape[0], w.shape[0], w.shape[1], bias is not None, swiglu)
 
 
 def _capturing() -> bool:
@@ -414,6 +526,31 @@ def _supported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> b
             and (bias is None or (bias.shape == (w.shape[0],) and bias.device == x.device)))
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] with unit column stride (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _cached_config(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+                   tune: bool) -> Config | None:
+    """The shape's cached config, tuned on its first call outside capture (tune=False, or not on a GPU:
+    the heuristic default). None for a never-tuned shape during capture: benchmarking would break it."""
+    key = _key(x2, w, bias, swiglu)
+    t = _TUNED.get(key)
+    if t is None:
+        if _capturing():
+            return None
+        if tune and x2.is_cuda:
+            t = _tune(x2, w, bias, swiglu=swiglu)
+        else:
+            (m, k), n = x2.shape, w.shape[0]
+            t = Tuned(default_config(m, n // 2, k, sm_count(x2), x2.element_size(), tiles=2) if swiglu
+                      else default_config(m, n, k, sm_count(x2), x2.element_size()))
+        _TUNED[key] = t
+    return t.config
+
+
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   config: Config | None = None, tune: bool = True) -> torch.Tensor:
     """F.linear(x, w, bias) for x [..., K] with M = prod(leading dims) <= MAX_ROWS rows and w [N, K]
@@ -424,20 +561,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     no Triton, an untuned shape during graph capture): F.linear."""
     if not _supported(x, w, bias):
         return F.linear(x, w, bias)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     if config is None:
-        key = _key(x2, w, bias)
-        tuned = _TUNED.get(key)
-        if tuned is None:
-            if _capturing():  # benchmarking here would break the capture
-                return F.linear(x, w, bias)
-            tuned = _tune(x2, w, bias) if tune and x2.is_cuda else \
-                Tuned(default_config(x2.shape[0], w.shape[0], k, sm_count(x2), x2.element_size()))
-            _TUNED[key] = tuned
-        config = tuned.config
+        config = _cached_config(x2, w, bias, False, tune)
+    if config is None:
+        return F.linear(x, w, bias)
     return _launch(x2, w, bias, config).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -498,42 +626,131 @@ def _launch_balanced(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     return y
 
 
-def _tune(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> Tuned:
-    """Time the candidates on this very call (outside capture; synchronises) and keep the fastest."""
+def skinny_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, config: Config | None = None,
+                  tune: bool = True) -> torch.Tensor:
+    """silu(x @ Wg^T) * (x @ Wu^T) -> [..., I] in x's dtype, for the fused gate|up weight w_gate_up
+    [2I, K] = Wg (rows [0, I)) over Wu (rows [I, 2I)), as graphs.fuse_projections lays it out: the
+    gate|up GEMM with the SwiGLU as its epilogue, so the [M, 2I] intermediate is never written (with
+    split K only the fp32 partials are; the reduce applies the SwiGLU to the full sums). Each program
+    streams BLOCK_N gate rows and the BLOCK_N up rows of the same columns. = skinny_swiglu_reference:
+    fp32 accumulation, silu(g) * u in fp32, rounded once. Rows, dtypes, weight strides, `config` and
+    tuning as skinny_linear (own cache entries, swiglu=True; the tuner times cuBLAS + SwiGLU as the
+    alternative). Where the kernel cannot run (or an untuned shape during capture): F.linear, then the
+    SwiGLU in fp32 (swiglu_reference), i.e. the two-kernel path."""
+    w = w_gate_up
+    if w.dim() != 2 or w.shape[0] % 2:
+        raise ValueError(f"skinny_swiglu: w_gate_up must be [2I, K] (gate rows, then up rows), got {tuple(w.shape)}")
+    if config is not None and config.balanced:
+        raise ValueError(f"skinny_swiglu has no balanced mode (split_k >= 1 configs only), got {config}")
+    if not _supported(x, w, None):
+        return swiglu_reference(F.linear(x, w))
+    x2 = _rows(x)
+    if config is None:
+        config = _cached_config(x2, w, None, True, tune)
+    if config is None:
+        return swiglu_reference(F.linear(x, w))
+    return _launch_swiglu(x2, w, config).reshape(*x.shape[:-1], w.shape[0] // 2)
+
+
+def _launch_swiglu(x2: torch.Tensor, w: torch.Tensor, c: Config) -> torch.Tensor:
+    if c.balanced:  # e.g. a hand-edited record: the swiglu candidates are split-K grids only
+        raise ValueError(f"skinny_swiglu has no balanced mode, got {c}")
+    m, k = x2.shape
+    i = w.shape[0] // 2
+    y = torch.empty((m, i), dtype=x2.dtype, device=x2.device)
+    chunk = _chunk(c, k)
+    splits = _cdiv(k, chunk)
+    split = splits > 1
+    p = torch.empty((splits, m, 2 * i), dtype=torch.float32, device=x2.device) if split else y
+    upcast = _interpreting() and x2.dtype != torch.float32
+    rne = _interpreting() and x2.dtype == torch.bfloat16
+    # gate and up as two row-slice views: each base pointer is 16-byte aligned on its own (the JIT's
+    # pipelining condition), whatever I is
+    _skinny_swiglu_fwd[(_cdiv(i, c.block_n), splits)](
+        x2, w[:i], w[i:], y, p, m, i, k, x2.stride(0), w.stride(0), chunk,
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
+        EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_options(x2))
+    if split:
+        block = 1024
+        _reduce_swiglu_splits[(_cdiv(m * i, block),)](p, y, m * i, i, SPLITS=splits, BLOCK=block, RNE_BF16=rne,
+                                                        num_warps=4, **_pdl_options(x2))
+    return y
+
+
+def _tune(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> Tuned:
+    """Time the candidates on this very call (outside capture; synchronises) and keep the fastest, with the
+    cuBLAS alternative's time: F.linear (swiglu: F.linear of gate|up, then plain F.silu(g) * u)."""
     from triton.testing import do_bench
     m, k = x2.shape
+    n, tiles = (w.shape[0] // 2, 2) if swiglu else (w.shape[0], 1)
+
+    def kernel(c: Config) -> torch.Tensor:
+        return _launch_swiglu(x2, w, c) if swiglu else _launch(x2, w, bias, c)
+
+    def cublas() -> torch.Tensor:
+        y = F.linear(x2, w, bias)
+        if swiglu:
+            g, u = y.chunk(2, dim=-1)
+            y = F.silu(g) * u
+        return y
+
+    def bench(fn) -> float:
+        return 1000.0 * do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median")
+
+    cands = candidates(m, n, k, sm_count(x2), x2.element_size(), tiles)
+    deadline = None if TUNE_BUDGET_S is None else time.perf_counter() + TUNE_BUDGET_S
     times: dict[Config, float] = {}
-    for c in candidates(m, w.shape[0], k, sm_count(x2), x2.element_size()):
+    for c in _alternating_kinds(cands):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         try:
-            times[c] = 1000.0 * do_bench(lambda: _launch(x2, w, bias, c), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
-                                         return_mode="median")
+            times[c] = bench(lambda: kernel(c))
         except Exception:  # out of shared memory / registers for this shape: not a candidate
             continue
-    cublas = 1000.0 * do_bench(lambda: F.linear(x2, w, bias), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
-                               return_mode="median")
+    cublas_us = bench(cublas)
     if not times:
-        return Tuned(default_config(m, w.shape[0], k, sm_count(x2), x2.element_size()), None, cublas)
-    best = min(times, key=times.get)  # the first of equals, in candidates' order
-    return Tuned(best, times[best], cublas, tuple(times.items()))
+        return Tuned(default_config(m, n, k, sm_count(x2), x2.element_size(), tiles), None, cublas_us)
+    sweep = tuple((c, times[c]) for c in cands if c in times)
+    best, best_us = min(sweep, key=lambda t: t[1])  # the first of equals, in candidates' order
+    return Tuned(best, best_us, cublas_us, sweep)
 
 
-def tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> Tuned | None:
-    """The cached choice for this call's shape (None: never called outside capture)."""
-    return _TUNED.get(_key(x.reshape(-1, x.shape[-1]), w, bias))
+def _alternating_kinds(cands: list[Config]) -> list[Config]:
+    """cands in the order split-K 1, balanced 1, split-K 2, balanced 2, ... (each kind in its own order)."""
+    split = [c for c in cands if not c.balanced]
+    balanced = [c for c in cands if c.balanced]
+    pairs = itertools.zip_longest(split, balanced)
+    return [c for pair in pairs for c in pair if c is not None]
+
+
+def tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> Tuned | None:
+    """The cached choice for this call's shape (None: never called outside capture); swiglu: skinny_swiglu's."""
+    return _TUNED.get(_key(x.reshape(-1, x.shape[-1]), w, bias, swiglu))
+
+
+RECORD_KEY = ("device", "dtype", "m", "n", "k", "bias", "swiglu")
 
 
 def export_tuned() -> list[dict]:
     """The tuned choices as JSON-able records (load_tuned takes them back)."""
-    return [dict(zip(("device", "dtype", "m", "n", "k", "bias"), key), **asdict(t.config),
-                 kernel_us=t.kernel_us, cublas_us=t.cublas_us) for key, t in _TUNED.items()]
+    return [dict(zip(RECORD_KEY, key), **asdict(t.config), kernel_us=t.kernel_us, cublas_us=t.cublas_us)
+            for key, t in _TUNED.items()]
 
 
 def load_tuned(records: list[dict]) -> None:
-    """Seed the cache (e.g. from export_tuned on the same GPU model): those shapes skip timing."""
+    """Seed the cache (e.g. from export_tuned on the same GPU model): those shapes skip timing. A record
+    without "swiglu" (written before skinny_swiglu existed) is a plain skinny_linear record."""
     fields = Config.__dataclass_fields__
     for r in records:
-        key = (r["device"], r["dtype"], r["m"], r["n"], r["k"], r["bias"])
-        _TUNED[key] = Tuned(Config(**{f: r[f] for f in fields if f in r}), r.get("kernel_us"), r.get("cublas_us"))
+        _TUNED[record_key(r)] = Tuned(Config(**{f: r[f] for f in fields if f in r}), r.get("kernel_us"),
+                                      r.get("cublas_us"))
+
+
+def record_key(r: dict) -> tuple:
+    """The cache key of a tuning record (its "device" set)."""
+    return (r["device"], r["dtype"], r["m"], r["n"], r["k"], r["bias"], bool(r.get("swiglu", False)))
 
 
 def clear_tuned() -> None:
@@ -543,6 +760,12 @@ def clear_tuned() -> None:
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The specification: F.linear in fp32, cast back to x's dtype."""
     return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def skinny_swiglu_reference(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """The specification of skinny_swiglu: the gate|up GEMM in fp32, silu(g) * u in fp32, cast back to
+    x's dtype once (the two-kernel path rounds g|u to x's dtype before the SwiGLU)."""
+    return swiglu_reference(F.linear(x.float(), w_gate_up.float())).to(x.dtype)
 
 
 # =========================================================================================
@@ -579,16 +802,6 @@ NORM_PRE_K = 512  # width of the norm pre-pass tiles (x columns per load; two lo
 
 
 if triton is not None:
-
-    @triton.jit
-    def _round(x, dt: tl.constexpr, RNE_BF16: tl.constexpr):
-        """fp32 x -> dt, round to nearest even. Triton's interpreter truncates fp32 -> bf16 casts (the
-        GPU rounds): with RNE_BF16 the rounding is done on the bits first, so the cast is exact."""
-        if RNE_BF16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            x = b.to(tl.float32, bitcast=True)
-        return x.to(dt)
 
     @triton.jit(do_not_specialize=["M"])
     def _fused_linear_fwd(X, NW, W, R, Y, M, N, K, stride_xm, stride_wn, stride_rm, eps,
@@ -686,7 +899,7 @@ def fused_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devic
     anything (capture-safe)."""
     elt = torch.empty((), dtype=dtype).element_size()
     dev = device.index if device.type == "cuda" else -1
-    t = _TUNED.get((dev, str(dtype)[6:], m, n, k, False))
+    t = _TUNED.get((dev, str(dtype)[6:], m, n, k, False, False))
     if t is not None and t.config.split_k == 1 and _fused_smem(t.config, m, elt, swiglu) <= SMEM_BYTES:
         return t.config
     ones = [c for c in candidates(m, n, k, sms, elt) if c.split_k == 1 and _fused_smem(c, m, elt, swiglu) <= SMEM_BYTES]
