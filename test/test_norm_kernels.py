@@ -191,8 +191,8 @@ class _FakeKernels:
         return "kernel", "kernel"
 
 
-def _fake_cuda_tensor():
-    return SimpleNamespace(is_cuda=True)
+def _fake_cuda_tensor(rows: int = 8, width: int = 64):
+    return SimpleNamespace(is_cuda=True, shape=(rows, width), numel=lambda: rows * width)
 
 
 def test_graphs_norms_take_the_kernels_for_supported_cuda_tensors(monkeypatch):
@@ -202,6 +202,15 @@ def test_graphs_norms_take_the_kernels_for_supported_cuda_tensors(monkeypatch):
     assert graphs.fused_rms_norm(x, w, EPS) == "kernel"
     assert graphs.fused_add_rms_norm(x, x, w, EPS) == ("kernel", "kernel")
     assert fake.calls == ["rms_norm", "add_rms_norm"]
+
+
+def test_graphs_norms_keep_the_compiled_chain_for_many_rows(monkeypatch):
+    """The prefill's hundreds of rows are not latency bound: the compiled chain, not the kernels."""
+    monkeypatch.setattr(graphs, "_compiled_rms_norm", lambda x, w, eps: "chain")
+    fake = _FakeKernels()
+    monkeypatch.setattr(graphs, "_kernel_module", lambda name, t: fake)
+    x, w = _fake_cuda_tensor(rows=graphs.SKINNY_ROWS + 1), _fake_cuda_tensor()
+    assert graphs.fused_rms_norm(x, w, EPS) == "chain" and fake.calls == []
 
 
 def test_graphs_norms_keep_the_compiled_chain_when_the_kernels_cannot(monkeypatch):

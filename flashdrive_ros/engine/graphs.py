@@ -212,8 +212,10 @@ def _compiled_add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ep
 # attention / cache kernels around them (attention_kernel.PDL). The CPU keeps the eager math.
 
 def _norm_kernels(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None):
-    """engine.norm_kernels when its kernels can run on these CUDA operands, else None."""
-    if not x.is_cuda:
+    """engine.norm_kernels when its kernels can run on these CUDA operands, else None. Few rows only (the
+    latency-bound passes, where PDL pays: H100 chain of 36 add+RMSNorms 1.74-1.85 us each against
+    1.95-2.18 compiled, docs/bench/norm_check_h100.txt); the prefill's 799 rows keep the compiled chain."""
+    if not x.is_cuda or x.numel() // max(1, x.shape[-1]) > SKINNY_ROWS:
         return None
     nk = _kernel_module("norm_kernels", x)
     return nk if nk is not None and nk.supported(x, w, a) else None
