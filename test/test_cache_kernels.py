@@ -14,13 +14,14 @@ writes their outputs to a file; the references are computed here, in the pytest 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from interp_run import assert_bitwise_equal, run_interpreted  # noqa: E402 (test/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -171,19 +172,11 @@ REFERENCE = SimpleNamespace(qk_norm_rope_store=ck.qk_norm_rope_store_reference, 
 def kernel_out(tmp_path_factory):
     """Outputs of every case computed by the Triton kernels under the interpreter."""
     pytest.importorskip("triton", reason="triton is installed by scripts/setup.sh; its interpreter runs the kernels")
-    out = tmp_path_factory.mktemp("cache_kernels") / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out)
+    return run_interpreted(__file__, tmp_path_factory.mktemp("cache_kernels") / "out.pt")
 
 
-def _equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    diff = (a != b).sum().item()
-    assert diff == 0, f"{what}: {diff} of {a.numel()} elements differ, max |diff| {(a.float() - b.float()).abs().max()}"
+def _equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert_bitwise_equal(got, ref, what)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

@@ -20,13 +20,14 @@ their outputs to a file; the references are computed here, in the pytest process
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from interp_run import assert_bitwise_equal, run_interpreted  # noqa: E402 (test/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -101,19 +102,11 @@ REFERENCE = SimpleNamespace(rms_norm=nk.rms_norm_reference, add_rms_norm=nk.add_
 def kernel_out(tmp_path_factory):
     """Outputs of every case computed by the Triton kernels under the interpreter."""
     pytest.importorskip("triton", reason="triton is installed by scripts/setup.sh; its interpreter runs the kernels")
-    out = tmp_path_factory.mktemp("norm_kernels") / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out)
+    return run_interpreted(__file__, tmp_path_factory.mktemp("norm_kernels") / "out.pt")
 
 
 def _equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype} {tuple(got.shape)}"
-    diff = (got != ref).sum().item()
-    assert diff == 0, f"{what}: {diff} of {got.numel()} elements differ, max |diff| {(got.float() - ref.float()).abs().max()}"
+    assert_bitwise_equal(got, ref, what)
 
 
 def _matches(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, inputs: str, what: str) -> None:
