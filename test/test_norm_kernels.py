@@ -87,13 +87,19 @@ def case_inputs(name: str):
     return x.to(dtype), a.to(dtype), w
 
 
+def layer_norm_bias(w: torch.Tensor) -> torch.Tensor:
+    return (w.float() * 0.5 - 0.5).to(w.dtype)
+
+
 def run_case(impl, name: str) -> dict:
     x, a, w = case_inputs(name)
     total, norm_of_sum = impl.add_rms_norm(x, a, w, EPS)
-    return {"norm": impl.rms_norm(x, w, EPS), "sum": total, "norm_of_sum": norm_of_sum}
+    ln_sum, ln = impl.add_layer_norm(x, a, w, layer_norm_bias(w), EPS)
+    return {"norm": impl.rms_norm(x, w, EPS), "sum": total, "norm_of_sum": norm_of_sum, "ln_sum": ln_sum, "ln": ln}
 
 
-REFERENCE = SimpleNamespace(rms_norm=nk.rms_norm_reference, add_rms_norm=nk.add_rms_norm_reference)
+REFERENCE = SimpleNamespace(rms_norm=nk.rms_norm_reference, add_rms_norm=nk.add_rms_norm_reference,
+                            add_layer_norm=nk.add_layer_norm_reference)
 
 
 # -------------------------------------------------------------- the interpreter subprocess
@@ -149,6 +155,18 @@ def test_add_rms_norm_returns_the_sum_and_its_norm(kernel_out, name):
     _matches(got["norm_of_sum"], ref["norm_of_sum"], dtype, inputs, f"{name}: norm of x + a")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_add_layer_norm_returns_the_sum_and_its_layer_norm(kernel_out, name):
+    """The vision tower's add + LayerNorm: the sum bitwise x + a; the norm F.layer_norm of it up to the
+    fp32 statistics (two passes here, Welford in torch), i.e. within one rounding of the output dtype."""
+    dtype, _, _ = CASES[name]
+    ref = run_case(REFERENCE, name)
+    got = kernel_out[name]
+    _equal(got["ln_sum"], ref["ln_sum"], f"{name}: x + a")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == FP32 else dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    torch.testing.assert_close(got["ln"], ref["ln"], **tol, msg=lambda m: f"{name}: layer norm: {m}")
+
+
 def test_grid_inputs_exercise_the_intermediate_roundings():
     """Guard for the cases above: on these inputs, skipping the rounding of x * r to bf16 (what an
     fp32-intermediate implementation does) changes the result, so a bitwise match means something."""
@@ -183,6 +201,13 @@ class _FakeKernels:
         self.calls.append("add_rms_norm")
         return "kernel", "kernel"
 
+    def layer_norm_supported(self, x, w, b, a):
+        return self.supports
+
+    def add_layer_norm(self, x, a, w, b, eps):
+        self.calls.append("add_layer_norm")
+        return "kernel", "kernel"
+
 
 def _fake_cuda_tensor(rows: int = 8, width: int = 64):
     return SimpleNamespace(is_cuda=True, shape=(rows, width), numel=lambda: rows * width)
@@ -195,6 +220,20 @@ def test_graphs_norms_take_the_kernels_for_supported_cuda_tensors(monkeypatch):
     assert graphs.fused_rms_norm(x, w, EPS) == "kernel"
     assert graphs.fused_add_rms_norm(x, x, w, EPS) == ("kernel", "kernel")
     assert fake.calls == ["rms_norm", "add_rms_norm"]
+
+
+def test_vision_add_layer_norm_takes_the_kernel_on_cuda_only(monkeypatch):
+    """All rows (the tower's 2 880 patches are memory bound: the one-pass kernel), CUDA tensors only."""
+    fake = _FakeKernels()
+    monkeypatch.setattr(graphs, "_kernel_module", lambda name, t: fake if name == "norm_kernels" else None)
+    x = _fake_cuda_tensor(rows=2880)
+    assert graphs.fused_add_layer_norm(x, x, x, x, EPS) == ("kernel", "kernel") and fake.calls == ["add_layer_norm"]
+    g = torch.Generator().manual_seed(1)
+    xc, ac = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+    wc, bc = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    y, h = graphs.fused_add_layer_norm(xc, ac, wc, bc, EPS)  # CPU: the PyTorch chain, not the fake
+    assert fake.calls == ["add_layer_norm"]
+    torch.testing.assert_close(h, torch.nn.functional.layer_norm(xc + ac, (32,), wc, bc, EPS))
 
 
 def test_graphs_norms_keep_the_compiled_chain_for_many_rows(monkeypatch):
@@ -286,5 +325,6 @@ if __name__ == "__main__":
     for name in CASES:
         x, a, w = case_inputs(name)
         assert nk.supported(x, w, a), name  # every case runs the kernel, not the fallback
+        assert nk.layer_norm_supported(x, w, layer_norm_bias(w), a), name
         result[name] = run_case(nk, name)
     torch.save(result, sys.argv[1])

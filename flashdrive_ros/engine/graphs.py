@@ -252,10 +252,21 @@ def fused_qk_prep(q: torch.Tensor, k: torch.Tensor, qw: torch.Tensor, kw: torch.
 
 
 @_fused
-def fused_add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
-    """Vision residual add followed by the next LayerNorm: returns (x + a, layer_norm(x + a))."""
+def _compiled_add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
     y = x + a
     return y, F.layer_norm(y, (y.shape[-1],), w, b, eps)
+
+
+def fused_add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+    """Vision residual add followed by the next LayerNorm: returns (x + a, layer_norm(x + a)). On CUDA the
+    one-pass Triton kernel (norm_kernels.add_layer_norm: the compiled chain reads each row twice)."""
+    nk = _kernel_module("norm_kernels", x) if x.is_cuda else None
+    if nk is not None and nk.layer_norm_supported(x, w, b, a):
+        return nk.add_layer_norm(x, a, w, b, eps)
+    return _compiled_add_layer_norm(x, a, w, b, eps)
+
+
+fused_add_layer_norm.eager = _compiled_add_layer_norm.eager
 
 
 @_fused

@@ -1,7 +1,8 @@
-"""Triton RMSNorm kernels for the decoder layers of the CUDA fast path (issue 7).
+"""Triton RMSNorm / LayerNorm kernels of the CUDA fast path (issue 7).
 
-    h = rms_norm(x, w, eps)              # graphs._rms(x, w, eps)
-    y, h = add_rms_norm(x, a, w, eps)    # y = x + a, h = graphs._rms(y, w, eps)
+    h = rms_norm(x, w, eps)                    # graphs._rms(x, w, eps)
+    y, h = add_rms_norm(x, a, w, eps)          # y = x + a, h = graphs._rms(y, w, eps)
+    y, h = add_layer_norm(x, a, w, b, eps)     # y = x + a, h = F.layer_norm(y, (H,), w, b, eps)
 
 Why: every decoder layer of graphs._decoder_stack runs an add + RMSNorm after attention and after the
 MLP. With few rows (LM verify 8, decode 1, drafter 8, action expert 64; ~600 layer passes per step
@@ -24,6 +25,12 @@ times the weight, rounded to the dtype. So the results are bitwise those of eage
 order of the fp32 sum of squares (a last-bit difference there can, rarely, flip one rounding).
 torch.compile'd chains may keep the bf16 intermediate in fp32 and differ from both by one ulp on a
 few elements (scripts/gpu_norm_check.py counts them).
+
+add_layer_norm is the vision tower's residual add + the next LayerNorm (2 880 rows of 1 152): memory bound,
+where the compiled chain's looped reduction reads each row twice; here the row is read once and stays in
+registers. Numerics: y = x + a rounded to x's dtype; mean and variance (two passes over the registers) and the
+affine step in fp32, rounded once, as F.layer_norm does (it uses Welford's update: the fp32 statistics may
+differ in the last bits, rarely flipping one bf16 rounding).
 
 Graph-capturable: no host synchronisation; outputs come from torch.empty, the grid from shapes.
 `available(t)` says whether the kernels can run on tensors like t (graphs._kernel_module asks it);
@@ -66,6 +73,11 @@ def supported(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor | None = None) -
     return 0 < x.shape[-1] <= MAX_COLS
 
 
+def layer_norm_supported(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> bool:
+    """supported() for add_layer_norm: the bias too [H] in x's dtype."""
+    return supported(x, w, a) and b.dtype == x.dtype and b.shape == w.shape
+
+
 # --------------------------------------------------------------------------- eager references
 
 def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,6 +91,11 @@ def add_rms_norm_reference(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ep
 
     y = x + a
     return y, _rms(y, w, eps)
+
+
+def add_layer_norm_reference(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+    y = x + a
+    return y, torch.nn.functional.layer_norm(y, (y.shape[-1],), w, b, eps)
 
 
 # ------------------------------------------------------------------------------- Triton kernel
@@ -116,8 +133,35 @@ if _HAVE_TRITON:
         r = tl.math.rsqrt(mean_sq + eps)
         out = _round(w * _round(v * r, DT), DT)
         tl.store(out_ptr + row * H + cols, out.to(DT), mask=inside)
+
+    @triton.jit
+    def _add_layer_norm_kernel(x_ptr, a_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, x_row, a_row, eps,
+                               H: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
+                               USE_PDL: tl.constexpr = False):
+        """Program `row`: sum[row] = x + a (rounded to DT), out[row] = layer_norm(sum[row]) * w + b in fp32,
+        rounded once. The row is read once and stays in registers; padded lanes are 0 and kept out of the
+        variance."""
+        if USE_PDL:
+            gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < H
+        v = tl.load(x_ptr + row * x_row + cols, mask=inside, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + row * a_row + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        if USE_PDL:
+            gdc_launch_dependents()
+        v = _round(v + a, DT)
+        tl.store(sum_ptr + row * H + cols, v.to(DT), mask=inside)
+        mean = tl.math.div_rn(tl.sum(v, axis=0), H * 1.0)
+        d = tl.where(inside, v - mean, 0.0)
+        var = tl.math.div_rn(tl.sum(d * d, axis=0), H * 1.0)
+        out = d * tl.math.rsqrt(var + eps) * w + bias
+        tl.store(out_ptr + row * H + cols, _round(out, DT).to(DT), mask=inside)
 else:  # pragma: no cover - depends on the environment
     _rms_norm_kernel = None
+    _add_layer_norm_kernel = None
 
 
 # ------------------------------------------------------------------------------------- public
@@ -166,4 +210,23 @@ def add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
     return _launch(x, a, w, eps)
 
 
-__all__ = ["available", "supported", "rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_reference"]
+def add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+    """(x + a, F.layer_norm(x + a, (H,), w, b, eps)) for x, a [..., H], w, b [H], all one dtype: one Triton
+    kernel (graphs.fused_add_layer_norm: the vision tower's residual add + the next LayerNorm)."""
+    if not (available(x) and layer_norm_supported(x, w, b, a)):
+        return add_layer_norm_reference(x, a, w, b, eps)
+    xr, ar = _as_rows(x), _as_rows(a)
+    h = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if xr.shape[0]:
+        block = _next_pow2(h)
+        with _device_guard(x):
+            _add_layer_norm_kernel[(xr.shape[0],)](
+                xr, ar, w.contiguous(), b.contiguous(), total, out, xr.stride(0), ar.stride(0), float(eps),
+                H=h, BLOCK=block, DT=_TL_DTYPE[x.dtype], **_options(x, block))
+    return total, out
+
+
+__all__ = ["available", "supported", "layer_norm_supported", "rms_norm", "add_rms_norm", "add_layer_norm",
+           "rms_norm_reference", "add_rms_norm_reference", "add_layer_norm_reference"]
