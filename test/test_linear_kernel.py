@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from flashdrive_ros.engine import linear_kernel as L
 
 HERE = Path(__file__).resolve().parent
+NO_TRITON = "triton is installed by scripts/setup.sh; the tuner tests stub its do_bench"
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -371,7 +372,7 @@ def test_fused_layers_never_take_a_balanced_record():
 
 
 def test_the_tuner_times_the_balanced_candidates_with_the_others_and_keeps_the_fastest(monkeypatch):
-    testing = pytest.importorskip("triton.testing")
+    testing = pytest.importorskip("triton.testing", reason=NO_TRITON)
     x, w = torch.randn(8, 256), torch.randn(512, 256)
     cands = L.candidates(8, 512, 256, 4, 4)
     fastest = next(c for c in cands if c.balanced and c.programs == 8)
@@ -393,7 +394,7 @@ def test_the_tuner_times_the_balanced_candidates_with_the_others_and_keeps_the_f
 def test_a_tuning_budget_cuts_the_sweep_after_timing_both_kinds_alternately(monkeypatch):
     """TUNE_BUDGET_S: no candidate is started past the deadline; split-K and balanced grids are timed in
     turn, so a cut leaves both kinds; the sweep lists what was timed in candidates' order."""
-    testing = pytest.importorskip("triton.testing")
+    testing = pytest.importorskip("triton.testing", reason=NO_TRITON)
     x, w = torch.randn(8, 256), torch.randn(512, 256)
     clock = [0.0]  # each timed call takes a second of this clock
     monkeypatch.setattr(L, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -415,7 +416,7 @@ def test_a_tuning_budget_cuts_the_sweep_after_timing_both_kinds_alternately(monk
 
 
 def test_the_swiglu_tuner_times_split_grids_only(monkeypatch):
-    testing = pytest.importorskip("triton.testing")
+    testing = pytest.importorskip("triton.testing", reason=NO_TRITON)
     x, w = torch.randn(8, 256), torch.randn(2 * 512, 256)
     launched = []
     monkeypatch.setattr(L, "sm_count", lambda t: 4)
