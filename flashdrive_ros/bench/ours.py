@@ -200,7 +200,6 @@ class OursPipeline:
         self.ref_tokens: torch.Tensor | None = None  # the target's greedy continuation (scripted drafter)
         self._fused = False
         self._g: dict[str, G.StageGraph] = {}
-        self._side: torch.cuda.Stream | None = None  # the streaming shift beside the encode (_shift_beside)
         self._vstatic: dict[int, G.VisionStatic] = {}
         self._sched_host: dict = {}
         self._state0 = torch.tensor([0, self.L, 0, 0], dtype=torch.long).pin_memory() if self.device.type == "cuda" \
@@ -356,7 +355,8 @@ class OursPipeline:
             n_pref = self.n_pref
 
             def fn(ids, emb, d0, d1, d2):
-                # (streaming: the previous window's slot shift ran beside the encode, see step())
+                if streaming:  # the slot shift of the previous window, inside the graph
+                    G.cache_shift(cache, self.shift_src, self.shift_dst, self.shift_waves)
                 x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(self.dtype))[None]
                 h, _ = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
                                     mask_folded=True, key_limit=limit)
@@ -367,33 +367,6 @@ class OursPipeline:
             return G.StageGraph(fn, {"ids": ids, **_prefill_inputs(out)}, shared=("emb", "d0", "d1", "d2"),
                                 name="prefill")
         return self._graph(f"prefill{int(streaming)}", build)
-
-    def _shift_graph(self) -> G.StageGraph:
-        """The streaming slot shift as a graph, as DriveEngine runs it (engine/graphed.py: captured on the
-        identity, whose warm-up moves nothing; then pointed at the real pairs once)."""
-        def build():
-            cache, waves = self.cache, self.shift_waves
-            g = G.StageGraph(lambda src, dst: G.cache_shift(cache, src, dst, waves),
-                             {"src": self.shift_dst.clone(), "dst": self.shift_dst.clone()}, name="shift")
-            g.buffers["src"].copy_(self.shift_src)
-            return g
-        return self._graph("shift", build)
-
-    def _shift_beside(self, run_main):
-        """The previous window's slot shift on a side stream while run_main() (the encode) runs on the
-        current one, joined before returning: what DriveEngine.shift(overlap=True) + prefill do."""
-        if self.device.type != "cuda":
-            self._shift_graph()()
-            return run_main()
-        main = torch.cuda.current_stream(self.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            self._shift_graph()()
-        out = run_main()
-        main.wait_stream(self._side)
-        return out
 
     def _decode_graph(self) -> G.StageGraph:
         def build():
@@ -566,8 +539,7 @@ class OursPipeline:
         info: dict[str, float] = {}
         t0 = clock.mark()
         if mode.graphs:
-            enc = self._encode_graph(mode.streaming)
-            eo = self._shift_beside(enc) if mode.streaming else enc()
+            eo = self._encode_graph(mode.streaming)()
             t1 = clock.mark()
             # graph mode: these are the prefill graph's own (shared) buffers, so nothing is copied
             tok = self._prefill_graph(mode.streaming)(**_prefill_inputs(eo))

@@ -248,8 +248,6 @@ class DriveEngine:
         # On by default on CUDA; forced on elsewhere it runs the same stage functions eagerly.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._fast = None
-        self._shift_stream: torch.cuda.Stream | None = None  # shift(overlap=True) runs here (CUDA only)
-        self._shift_pending = False
         if self.cuda_graphs:
             from . import graphs
             from .graphed import GraphedStages
@@ -315,7 +313,6 @@ class DriveEngine:
         """Forget the stream: the next step runs a full prefill of all 16 frames."""
         self.layout: StreamingLayout | None = None
         self._last_t0: int | None = None
-        self._join_shift()
         if self.cache is not None:
             self.cache.clear()
 
@@ -372,7 +369,7 @@ class DriveEngine:
             xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
         if self.streaming:
             with timer.stage("prefill"):  # cache maintenance for the next window's prefill
-                self.shift(overlap=True)  # on CUDA: concurrent with the next window's encode
+                self.shift()
             self._last_t0 = t0_us
         timings = timer.finish()
         reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
@@ -418,7 +415,6 @@ class DriveEngine:
             else:
                 feats = self.model.encode_images(pixels, grid_thw.to(self.device))
         with timer.stage("prefill"):
-            self._join_shift()  # the previous window's shift ran beside the encode above
             if stream:
                 last_hidden = self._streaming_prefill(ids, feats, stream)
             else:
@@ -434,7 +430,6 @@ class DriveEngine:
         Leaves <|cot_end|><|traj_future_start|> in the cache. Returns (ids incl. <|cot_end|>,
         number the model generated, verify passes, n_ctx for the expert, tokens per verify pass).
         """
-        self._join_shift()
         if not self.speculative:
             # One target pass per emitted token (the prefill gives the first): tau = 1 by definition.
             tokens, n_generated, _forwards, n_ctx = self._decode(logits, start, gen)
@@ -449,37 +444,17 @@ class DriveEngine:
                                      self.ids, self.max_new_tokens, self.temperature, self.top_p, generator=gen)
         return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau
 
-    def shift(self, k: int = 1, overlap: bool = False) -> None:
-        """Move frames k..3 of every view onto frames 0..3-k (one index copy over all layers).
-
-        overlap=True (what step() does after a window, CUDA fast path only): the copy runs on a side stream,
-        concurrently with what the main stream does next (the next window's encode, which does not touch
-        the cache; the copy is memory bound, the encode compute bound); the main stream waits for it
-        before it next uses the cache (`_join_shift`: prefill after its encode, decode, reset, shift).
-        Elsewhere, and by default, the copy is ordered on the current stream as before."""
+    def shift(self, k: int = 1) -> None:
+        """Move frames k..3 of every view onto frames 0..3-k (one index copy over all layers)."""
         if self.layout is None:
             raise RuntimeError("shift() before the first full prefill of the stream")
         if k not in self._shift:
             raise ValueError(f"shift by k must be in {sorted(self._shift)}, got {k}")
         src, dst, waves = self._shift[k]
-        self._join_shift()
-        if self._fast is not None and overlap and self.device.type == "cuda":
-            if self._shift_stream is None:
-                self._shift_stream = torch.cuda.Stream(self.device)
-            self._shift_stream.wait_stream(torch.cuda.current_stream(self.device))  # after the action
-            with torch.cuda.stream(self._shift_stream):
-                self._fast.shift(src, dst, waves)
-            self._shift_pending = True
-        elif self._fast is not None:
+        if self._fast is not None:
             self._fast.shift(src, dst, waves)
         else:
             self.cache.shift(src, dst)
-
-    def _join_shift(self) -> None:
-        """Make the current stream wait for an overlapped shift (see shift); no-op when none is pending."""
-        if self._shift_pending:
-            torch.cuda.current_stream(self.device).wait_stream(self._shift_stream)
-            self._shift_pending = False
 
     # ------------------------------------------------------------------ stages
     def _full_prefill(self, ids: torch.Tensor, playout: PromptLayout, feats, grid_thw: torch.Tensor) -> torch.Tensor:
