@@ -343,10 +343,12 @@ def _record(m, n, k, kernel_us, cublas_us, swiglu=None, **extra):
 
 
 def test_shipped_records_pick_the_kernels_that_won_by_five_percent(monkeypatch, tmp_path):
-    """A plain record ships its kernel when it beat cuBLAS by 5%; a swiglu record when it beat both
-    two-kernel paths (cuBLAS + SwiGLU, skinny GEMM + SwiGLU) by 5%. Records without "swiglu" are plain;
-    a balanced ("stream-K") record loads as its balanced config."""
+    """Without programmatic dependent launch, a plain record ships its kernel when it beat cuBLAS by 5%; a
+    swiglu record when it beat both two-kernel paths (cuBLAS + SwiGLU, skinny GEMM + SwiGLU) by 5%. Records
+    without "swiglu" are plain; a balanced ("stream-K") record loads as its balanced config."""
     from flashdrive_ros.engine import linear_kernel as L
+
+    monkeypatch.setattr(graphs, "_shipping_margin", lambda device: graphs.SHIPPED_MARGIN)
 
     records = [
         _record(8, 24576, 4096, 69.0, 74.0),                         # plain gate|up, old format: 0.93x -> ships
@@ -435,3 +437,19 @@ def test_on_the_cpu_the_mlp_never_consults_the_skinny_kernels(monkeypatch):
         out = graphs._mlp(mlp, h)
         assert torch.equal(out, mlp.down_proj(graphs.fused_swiglu(torch.nn.functional.linear(h, mlp.gate_up_weight))))
     assert graphs._skinny_kernels(h) is None
+
+
+def test_with_pdl_a_record_ships_when_its_kernel_was_faster_at_all(monkeypatch):
+    """With PDL (sm_90+, attention_kernel.PDL) our kernels also overlap their neighbours and cuBLAS's do not,
+    so the margin is 1: faster alone is enough, a tie is not. Before sm_90, or with PDL off: 5 %."""
+    from flashdrive_ros.engine import attention_kernel as A
+
+    qkv = _record(8, 6144, 4096, 20.57, 21.13, swiglu=False)  # the H100 record of the LM's qkv at M = 8
+    tie = _record(8, 6144, 4096, 21.0, 21.0, swiglu=False)
+    cuda0 = torch.device("cuda", 0)
+    for capability, pdl, margin in (((9, 0), True, 1.0), ((8, 6), True, 0.95), ((9, 0), False, 0.95)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(A, "PDL", pdl)
+        assert graphs._shipping_margin(cuda0) == margin
+        assert graphs._record_wins(qkv, graphs._shipping_margin(cuda0)) == (margin == 1.0)
+        assert not graphs._record_wins(tie, graphs._shipping_margin(cuda0))

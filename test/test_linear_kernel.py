@@ -582,13 +582,14 @@ def test_kernel_compiles_for_hopper_with_a_multi_buffered_pipeline(block_m, tile
     from triton.compiler import ASTSource
     sig = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "P": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32"}
-    names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "HAS_BIAS", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION"]
+    names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "HAS_BIAS", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION",
+                         "USE_PDL", "PREFETCH", "LINE", "EARLY"]
     sig.update({n: "constexpr" for n in names[len(sig):]})
     aligned = ("X", "W", "B", "Y", "P", "N", "K", "stride_xm", "stride_wn", "chunk")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     bn, bk, warps, stages = tile
     consts = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, HAS_BIAS=True, EVEN_N=True, EVEN_K=True,
-                  UPCAST=False, PRECISION="tf32")
+                  UPCAST=False, PRECISION="tf32", USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False)
     k = L.triton.compile(ASTSource(L._skinny_linear_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
     assert k.asm["ttgir"].count("async_copy_global") == 2 * stages
@@ -631,13 +632,13 @@ def _compile_swiglu_for_hopper(block_m, tile, split, use_pdl=False):
     sig = {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16", "P": "*fp32", "M": "i32", "I": "i32",
            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32"}
     names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION",
-                         "RNE_BF16", "USE_PDL"]
+                         "RNE_BF16", "USE_PDL", "PREFETCH", "LINE", "EARLY"]
     sig.update({n: "constexpr" for n in names[len(sig):]})
     aligned = ("X", "WG", "WU", "Y", "P", "I", "K", "stride_xm", "stride_wn", "chunk")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     bn, bk, warps, stages = tile
     consts = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, EVEN_N=True, EVEN_K=True, UPCAST=False,
-                  PRECISION="tf32", RNE_BF16=False, USE_PDL=use_pdl)
+                  PRECISION="tf32", RNE_BF16=False, USE_PDL=use_pdl, PREFETCH=0, LINE=64, EARLY=False)
     return L.triton.compile(ASTSource(L._skinny_swiglu_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
 
@@ -657,7 +658,8 @@ def test_swiglu_kernel_compiles_for_hopper_with_both_weight_streams_multi_buffer
 
 @pytest.mark.parametrize("split", [False, True])
 def test_swiglu_kernel_with_pdl_waits_first_and_releases_after_its_k_loop(split):
-    """USE_PDL as in the other GEMMs: griddepcontrol.wait before any load, launch_dependents once the
+    """USE_PDL as in the other GEMMs, without the weight prefetch and with the late trigger (PREFETCH 0, EARLY
+    off; test_pdl_ptx.py covers both): griddepcontrol.wait before any load, launch_dependents once the
     weights are streamed (before the epilogue's stores); without it, neither."""
     if L.triton is None:
         pytest.skip("triton is not installed (scripts/setup.sh installs it)")

@@ -129,6 +129,16 @@ MERGE = (1, 1)
 # attention + merge in one graph, us per layer off / on: decode 10.3 / 9.9, verify 12.1 / 11.5, action 14.2 / 13.1, outputs bitwise equal.
 # Never under the interpreter (inline PTX).
 PDL = True
+# With PDL, before its wait each split program of the few-rows kernel hints the first PREFETCH_BLOCKS key
+# blocks of its K and V chunk into L2 (PTX prefetch.global.L2, one per LINE_BYTES): the cache does not depend
+# on the producer except for the slots it just stored, and L2 is coherent, so a hint is never stale. The K/V
+# stream then starts during the producer's tail. 0: wait first. (The TMA prefill kernel does not prefetch.)
+PREFETCH_BLOCKS = 1
+LINE_BYTES = 128
+# Where the few-rows kernel lets its successor (the merge) launch: False, once its key loop is done; True,
+# right after its own wait, so the merge's one-warp programs are resident and waiting when it ends (the
+# merge then does the same for the GEMM after it).
+TRIGGER_EARLY = True
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
@@ -222,6 +232,13 @@ if triton is not None:
         _patch_interpreter_for_numpy_2_4()
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        """Hint the L2 lines holding ptrs in (PTX prefetch.global.L2: no result, and callers pass valid
+        addresses only). Only with PDL, never under the interpreter (inline PTX)."""
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys):
         """Key limit of each folded row (row r is query r % Q), clamped to [0, N]; padding rows get 0."""
         limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
@@ -281,7 +298,8 @@ if triton is not None:
                             s_lim, n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
-                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
+                            PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
         """Program (row tile, b * KV + h, split): attention of BLOCK_M folded rows over the keys
         [split * chunk, (split + 1) * chunk) that some row of the tile sees. SPLIT: write the
         unnormalised partial (acc, m, l) for _merge_splits, or with FUSED merge them here (the last
@@ -291,10 +309,18 @@ if triton is not None:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
-        if USE_PDL:  # q, the cache and the limits may come from the kernel launched just before
-            gdc_wait()
         b = pid_bh // n_kv
         h = pid_bh % n_kv
+        if USE_PDL:  # q, the cache and the limits may come from the kernel launched just before
+            if PREFETCH > 0:  # the first blocks of this split's K / V chunk (see PREFETCH_BLOCKS)
+                keys = pid_s * chunk + tl.arange(0, PREFETCH * BLOCK_N)
+                lines = tl.arange(0, BLOCK_D // LINE) * LINE
+                pf_ok = (keys < n_keys)[:, None] & (lines < HEAD_DIM)[None, :]
+                _prefetch_l2(tl.where(pf_ok, K + b * sk_b + h * sk_h + keys[:, None] * sk_n + lines[None, :], K))
+                _prefetch_l2(tl.where(pf_ok, V + b * sv_b + h * sv_h + keys[:, None] * sv_n + lines[None, :], V))
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         offs_n = tl.arange(0, BLOCK_N)
@@ -341,7 +367,7 @@ if triton is not None:
                                               start, offs_n, limit, n_keys, qk_scale, d_ok,
                                               True, PRECISION, PAD_D)
 
-            if USE_PDL:  # the merge (or whatever follows) may start launching; it waits for our stores
+            if USE_PDL and not EARLY:  # the merge (or whatever follows) may launch; it waits for our stores
                 gdc_launch_dependents()
             o_ptrs = _output_ptrs(OUT, b, h, rows, offs_d, so_b, so_h, so_j, so_q, n_queries)
             if SPLIT:  # partials laid out [B*KV, R, S, (D)] so _merge_splits reads one row's splits at once
@@ -405,10 +431,12 @@ if triton is not None:
     @triton.jit
     def _merge_splits(O_PART, M_PART, L_PART, OUT, so_b, so_h, so_j, so_q, n_kv, n_rows, n_queries, n_splits,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROWS: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
         """Program (ROWS rows, b * KV + h): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
         if USE_PDL:  # the partials come from the attention kernel launched just before
             gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         bh = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -493,6 +521,18 @@ def check_head_dim(d: int) -> None:
         raise ValueError(f"head dim must be a multiple of 8 in [16, 256], got {d}")
 
 
+def _prefetch_options(pdl: bool, q: torch.Tensor, block_d: int, block_n: int) -> dict:
+    """Launch options of the few-rows kernel: PDL, with its K / V prefetch (PREFETCH_BLOCKS) when on."""
+    if not pdl:
+        return {}
+    options = {"launch_pdl": True}
+    if PREFETCH_BLOCKS > 0:
+        options.update(PREFETCH=PREFETCH_BLOCKS, LINE=min(LINE_BYTES // q.element_size(), block_d))
+    if TRIGGER_EARLY:
+        options["EARLY"] = True
+    return options
+
+
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
                    scale: float | None = None, config: Config | None = None,
                    heads_last: bool = False) -> torch.Tensor:
@@ -558,13 +598,13 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         scale * math.log2(math.e),
         HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
         GROUP=p.merge_group, UPCAST=upcast, PRECISION=precision,
-        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **({"launch_pdl": True} if pdl else {}))
+        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **_prefetch_options(pdl, q, block_d, c.block_n))
     if split and not p.fused_merge:
         mr, mw = MERGE
         _merge_splits[(_cdiv(rows, mr), b * n_kv)](
             o_part, m_part, l_part, out, so_b, so_h, so_j, so_q,
             n_kv, rows, n_q, p.splits, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(p.splits), ROWS=mr,
-            USE_PDL=pdl, num_warps=mw, **({"launch_pdl": True} if pdl else {}))
+            USE_PDL=pdl, num_warps=mw, **({"launch_pdl": True, "EARLY": TRIGGER_EARLY} if pdl else {}))
     return out
 
 

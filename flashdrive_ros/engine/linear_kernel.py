@@ -76,11 +76,22 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from flashdrive_ros.engine.attention_kernel import _prefetch_l2
 except ImportError:  # CPU-only installs: F.linear still works, available() says False
     triton = None
     tl = None
 
 
+# Programmatic dependent launch lets a kernel start before its producer has finished; the weights do not
+# depend on the producer, so before waiting (gdc_wait) each program hints its first PREFETCH_TILES K steps
+# of weight rows into L2 (PTX prefetch.global.L2). The weight stream then starts during the producer's
+# tail instead of after it. 0: no prefetch (the kernel waits first, as without PDL).
+PREFETCH_TILES = 1
+# Where a GEMM lets its successor launch: False, once its K loop is done; True, right after its own wait, so
+# the successor's programs (small ones fit beside a GEMM program) are resident and waiting when it ends.
+TRIGGER_EARLY = True
+LINE_BYTES = 128  # one prefetch per L2 line
 MAX_ROWS = 128  # above this the GEMM is not weight-bandwidth bound; skinny_linear defers to F.linear
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -259,18 +270,27 @@ if triton is not None:
     if _interpreting():
         _patch_interpreter_for_numpy_2_4()
 
+    @triton.jit
+    def _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, SPAN: tl.constexpr, LINE: tl.constexpr):
+        """Prefetch W[offs_n, lo : min(lo + SPAN, hi)] into L2, one hint per LINE elements (rows out of
+        range or past hi hint W's first line instead)."""
+        k = lo + tl.arange(0, SPAN // LINE) * LINE
+        ok = n_ok[:, None] & (k < hi)[None, :]
+        _prefetch_l2(tl.where(ok, W + offs_n[:, None] * stride_wn + k[None, :], W))
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                           USE_PDL: tl.constexpr = False):
+                           USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                           EARLY: tl.constexpr = False):
         """Program (column block, split): acc[n, m] = sum over its K chunk of W[n, k] X[m, k].
         SPLIT: store the fp32 partial at P[split, m, n] (for _reduce_splits); otherwise add the bias
         and store Y[m, n] in Y's dtype. USE_PDL: launched early (programmatic dependent launch); x is
-        read only after the previous kernel is done, and the next one may launch once the K loop ends."""
-        if USE_PDL:
-            gdc_wait()
+        read only after the previous kernel is done (its first PREFETCH K steps of weight rows are
+        hinted into L2 before that, LINE elements per hint), and the next one may launch once the K
+        loop ends."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -280,6 +300,12 @@ if triton is not None:
         m_ok = offs_m < M
         lo = pid_s * chunk
         hi = tl.minimum(lo + chunk, K)
+        if USE_PDL:
+            if PREFETCH > 0:
+                _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         w_ptrs = W + offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
         x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -300,7 +326,7 @@ if triton is not None:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if USE_PDL:
+        if USE_PDL and not EARLY:
             gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT:
@@ -312,10 +338,12 @@ if triton is not None:
 
     @triton.jit
     def _reduce_splits(P, B, Y, total, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                       USE_PDL: tl.constexpr = False):
+                       USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
         """Y[i] = sum_s P[s, i] (+ bias[i % N]) over the flattened [M, N] outputs."""
         if USE_PDL:
             gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < total
         acc = tl.load(P + offs, mask=ok, other=0.0)
@@ -414,13 +442,12 @@ if triton is not None:
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
-                           USE_PDL: tl.constexpr = False):
+                           USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                           EARLY: tl.constexpr = False):
         """_skinny_linear_fwd over two weights at once: program (column block, split) streams gate rows
         WG[n] and up rows WU[n] (= gate row I + n of the fused buffer) against one x tile per K step.
         SPLIT: store the fp32 partials at P[split, m, n] (gate) and P[split, m, I + n] (up), for
         _reduce_swiglu_splits; otherwise store Y[m, n] = silu(g) * u, computed in fp32, rounded once."""
-        if USE_PDL:  # see _skinny_linear_fwd
-            gdc_wait()
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -430,6 +457,13 @@ if triton is not None:
         m_ok = offs_m < M
         lo = pid_s * chunk
         hi = tl.minimum(lo + chunk, K)
+        if USE_PDL:  # see _skinny_linear_fwd
+            if PREFETCH > 0:
+                _prefetch_weight_rows(WG, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+                _prefetch_weight_rows(WU, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         w_offs = offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
         wg_ptrs = WG + w_offs
         wu_ptrs = WU + w_offs
@@ -459,7 +493,7 @@ if triton is not None:
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if USE_PDL:
+        if USE_PDL and not EARLY:
             gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT:
@@ -472,11 +506,13 @@ if triton is not None:
 
     @triton.jit
     def _reduce_swiglu_splits(P, Y, total, I, SPLITS: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr,
-                              USE_PDL: tl.constexpr = False):
+                              USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
         """Y[m, n] = silu(g) * u over the flattened [M, I] outputs, g and u the sums over the splits of
         the partials P[s, m, n] and P[s, m, I + n] (P: [SPLITS, M, 2I]): the SwiGLU sees the full sums."""
         if USE_PDL:
             gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < total
         g_offs = offs + (offs // I) * I  # m * 2I + n for offs = m * I + n
@@ -574,6 +610,26 @@ def _pdl_options(t: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t) else {}
 
 
+def _reduce_pdl_options(t: torch.Tensor) -> dict:
+    """_pdl_options for the split-K reduces (TRIGGER_EARLY applies to them too)."""
+    options = _pdl_options(t)
+    if options and TRIGGER_EARLY:
+        options["EARLY"] = True
+    return options
+
+
+def _gemm_pdl_options(t: torch.Tensor, block_k: int) -> dict:
+    """_pdl_options for the weight-streaming kernels, with their weight prefetch before the wait
+    (PREFETCH_TILES K steps, at most what one program streams is clamped in the kernel)."""
+    options = _pdl_options(t)
+    if options and PREFETCH_TILES > 0:
+        line = LINE_BYTES // t.element_size()
+        options.update(PREFETCH=PREFETCH_TILES, LINE=min(line, block_k))
+    if options and TRIGGER_EARLY:
+        options["EARLY"] = True
+    return options
+
+
 def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config) -> torch.Tensor:
     if c.balanced:
         return _launch_balanced(x2, w, bias, c)
@@ -591,11 +647,11 @@ def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Con
         BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
         EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
         PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_options(x2))
+        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
-                                                 BLOCK=block, num_warps=4, **_pdl_options(x2))
+                                                 BLOCK=block, num_warps=4, **_reduce_pdl_options(x2))
     return y
 
 
@@ -671,11 +727,11 @@ def _launch_swiglu(x2: torch.Tensor, w: torch.Tensor, c: Config) -> torch.Tensor
         BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
         EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
         PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
-        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_options(x2))
+        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_swiglu_splits[(_cdiv(m * i, block),)](p, y, m * i, i, SPLITS=splits, BLOCK=block, RNE_BF16=rne,
-                                                        num_warps=4, **_pdl_options(x2))
+                                                        num_warps=4, **_reduce_pdl_options(x2))
     return y
 
 

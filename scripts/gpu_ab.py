@@ -1,0 +1,171 @@
+"""A/B of engine switches on the full-shape benchmark row (issue 7, session 5).
+
+Variants (VARIANTS below) are changes against the engine's defaults: "session4" is the code as session 4 left it
+(PDL without the prefetch, the late launch trigger, the 5 % shipping margin), "no_pdl" has no programmatic
+dependent launch, the others change one switch each.
+
+    python scripts/gpu_ab.py [--variants base,prefetch2,...] [--rounds 2] [--steps 10] [--shape full] [--out ab.json]
+
+Builds the benchmark's OursPipeline once (random weights, timing only) and times the row "ours: all (τ=5.6)"
+under each variant: the variant's module switches are set, every CUDA graph is captured again (the switches
+are compile-time constants of the kernels), the window is prefilled, then `steps` steps are timed after 2
+warm-up steps. The variants run in interleaved rounds (A B C A B C ...), so drift of the GPU shows as a
+spread between rounds, not as a difference between variants. Per variant: median per stage over all of its
+steps, and whether its last trajectory (and its drafted tokens' agreement count) are bitwise those of the first variant (a pure scheduling
+switch such as the prefetch must not change a bit; a GEMM route change may change roundings).
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from flashdrive_ros.bench.ours import Mode, OursPipeline  # noqa: E402
+from flashdrive_ros.bench.shapes import get_shape  # noqa: E402
+from flashdrive_ros.bench.timing import Clock  # noqa: E402
+from flashdrive_ros.engine import attention_kernel as A  # noqa: E402
+from flashdrive_ros.engine import graphs as G  # noqa: E402
+from flashdrive_ros.engine import linear_kernel as LK  # noqa: E402
+
+STAGES = ("encode", "prefill", "decode", "action", "total")
+MODE = Mode(streaming=True, tau=5.6, flow="adaptive", graphs=True)
+
+
+def _route_skinny(names: tuple[str, ...]):
+    """Run the shipped records named `names` on the Triton kernel even where cuBLAS timed faster alone."""
+    def apply():
+        dev = torch.cuda.current_device()
+        records = json.loads(G.tuned_linear_file(torch.cuda.get_device_name()).read_text())["records"]
+        for r in records:
+            if r["name"] in names:
+                G._SHIPPED["use"].add(LK.record_key(dict(r, device=dev)))
+    return apply
+
+
+def _route_cublas(names: tuple[str, ...]):
+    """Run the shipped records named `names` on cuBLAS (as before session 5's shipping margin)."""
+    def apply():
+        dev = torch.cuda.current_device()
+        records = json.loads(G.tuned_linear_file(torch.cuda.get_device_name()).read_text())["records"]
+        for r in records:
+            if r["name"] in names:
+                G._SHIPPED["use"].discard(LK.record_key(dict(r, device=dev)))
+    return apply
+
+
+def _set(module, **values):
+    def apply():
+        for k, v in values.items():
+            setattr(module, k, v)
+    return apply
+
+
+def _pdl(linear_tiles: int, attention_blocks: int, early: bool = False):
+    """The weight / K-V prefetch before each wait, and where the kernels let their successor launch."""
+    return [_set(LK, PREFETCH_TILES=linear_tiles, TRIGGER_EARLY=early),
+            _set(A, PREFETCH_BLOCKS=attention_blocks, TRIGGER_EARLY=early)]
+
+
+# Every switch a variant may touch, restored to its default before each variant.
+SWITCHES = [(LK, "PREFETCH_TILES"), (LK, "TRIGGER_EARLY"), (A, "PREFETCH_BLOCKS"), (A, "TRIGGER_EARLY"),
+            (A, "FUSED_MERGE"), (A, "PROGRAMS_PER_SM"), (A, "FEW_ROWS"), (A, "FEW_ROWS_TALL"), (A, "PDL")]
+LM_QKV = ("lm qkv M=8", "lm qkv M=1")  # kernel within 5 % of cuBLAS alone: shipped with PDL since session 5
+EXPERT_CUBLAS = ("expert qkv", "expert o", "expert down")  # the records where cuBLAS was faster alone
+VARIANTS = {
+    "defaults": [],
+    "session4": _pdl(0, 0) + [_route_cublas(LM_QKV)],  # PDL without prefetch, late trigger, margin 0.95
+    "no_pdl": [_set(A, PDL=False), _route_cublas(LM_QKV)],
+    "prefetch0": _pdl(0, 0, True),
+    "prefetch2": _pdl(2, 2, True),
+    "late_trigger": _pdl(1, 1, False),
+    "lm_qkv_cublas": [_route_cublas(LM_QKV)],
+    "expert_skinny": [_route_skinny(EXPERT_CUBLAS)],
+    "expert_down_skinny": [_route_skinny(("expert down",))],
+    "fused_merge": [_set(A, FUSED_MERGE=True)],
+    "attention_2_per_sm": [_set(A, PROGRAMS_PER_SM=2)],
+    "verify_attention_bm32": [_set(A, FEW_ROWS=A.Config(block_m=32, block_n=64, num_warps=4, num_stages=3))],
+    "action_attention_bm32": [_set(A, FEW_ROWS_TALL=A.Config(block_m=32, block_n=64, num_warps=4, num_stages=3))],
+    "fused_layers": [lambda: G.set_fused_layers(True)],
+    "action_attention_bm128_w8": [_set(A, FEW_ROWS_TALL=A.Config(block_m=128, block_n=64, num_warps=8, num_stages=3))],
+    "action_attention_bm128_w8_bn32": [_set(A, FEW_ROWS_TALL=A.Config(block_m=128, block_n=32, num_warps=8,
+                                                                      num_stages=4))],
+    "action_attention_bm64_w8": [_set(A, FEW_ROWS_TALL=A.Config(block_m=64, block_n=64, num_warps=8, num_stages=3))],
+    "action_attention_bn128": [_set(A, FEW_ROWS_TALL=A.Config(block_m=64, block_n=128, num_warps=8, num_stages=3))],
+    "attention_prefetch4": [_set(A, PREFETCH_BLOCKS=4)],
+    "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="defaults,session4,prefetch0,prefetch2,late_trigger,lm_qkv_cublas")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--shape", default="full", help="tiny: a CPU smoke test of the script itself")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    ours = OursPipeline(get_shape(args.shape), device, torch.bfloat16 if cuda else torch.float32)
+    ours.reference_tokens()  # the scripted drafter's token script (as bench.cli.run)
+    clock = Clock(device)
+    if cuda:  # the shipped records' choices, loaded now so that every variant starts from them
+        G._load_shipped_tuning(LK, device)
+    shipped_use = set(G._SHIPPED["use"])
+    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "shape": args.shape,
+           "mode": MODE.label(), "steps_per_round": args.steps, "variants": {}}
+    first = None
+    defaults = {(m, a): getattr(m, a) for m, a in SWITCHES}
+    for rnd in range(args.rounds):
+        for name in names:
+            for (m, a), v in defaults.items():
+                setattr(m, a, v)
+            G.set_fused_layers(False)
+            G._SHIPPED["use"] = set(shipped_use)
+            for apply in VARIANTS[name]:
+                apply()
+            ours._g.clear()
+            ours._sched_host = {}  # the new verify graph needs its schedule buffer filled
+            if cuda:
+                torch.cuda.empty_cache()
+            v = res["variants"].setdefault(name, {"steps": []})
+            try:
+                ours.full_prefill_window()
+                for _ in range(2):
+                    ours.step(MODE, clock)
+                steps = [ours.step(MODE, clock) for _ in range(args.steps)]
+            except Exception as e:  # one broken variant must not cost the others
+                v["error"] = f"{type(e).__name__}: {e}"
+                print(f"round {rnd} {name}: failed: {v['error']}", flush=True)
+                continue
+            v["steps"] += [{s: st[s] for s in STAGES} for st in steps]
+            out = (steps[-1].get("script_agree"), ours.last_action.clone())
+            if first is None:
+                first = out
+            v["bitwise_equal_to_first"] = bool(out[0] == first[0] and torch.equal(out[1], first[1]))
+            med = {s: statistics.median(st[s] for st in steps) for s in STAGES}
+            print(f"round {rnd} {name:28s} " + "  ".join(f"{s} {med[s]:6.2f}" for s in STAGES)
+                  + f"  equal to first: {v['bitwise_equal_to_first']}", flush=True)
+    print(f"\n{res['gpu']}, {res['torch']}; row '{res['mode']}', median ms over {args.rounds} x {args.steps} steps")
+    print("| variant | " + " | ".join(STAGES) + " | bitwise = first |")
+    print("|---|" + "---:|" * len(STAGES) + "---|")
+    for name, v in res["variants"].items():
+        if not v["steps"]:
+            print(f"| {name} | failed: {v.get('error')} |")
+            continue
+        v["median"] = {s: round(statistics.median(st[s] for st in v["steps"]), 3) for s in STAGES}
+        print(f"| {name} | " + " | ".join(f"{v['median'][s]:.2f}" for s in STAGES) + f" | {v['bitwise_equal_to_first']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
