@@ -89,6 +89,28 @@ def _no_host_reads():
 RESTORE: list = []  # undo actions of the variant that ran last
 
 
+def _reload_records(path: Path | None) -> None:
+    """Forget every tuned GEMM config and shipping choice, then load the records at path (None: the
+    engine's own file for this GPU) as the engine does."""
+    real = G.tuned_linear_file
+    if path is not None:
+        G.tuned_linear_file = lambda gpu_name: path
+    try:
+        LK.clear_tuned()
+        G._SHIPPED.update(loaded=set(), use=set())
+        G._load_shipped_tuning(LK, torch.device("cuda", torch.cuda.current_device()))
+    finally:
+        G.tuned_linear_file = real
+
+
+def _records(path: str):
+    """Run with the shipped GEMM records of another file (e.g. an earlier session's)."""
+    def apply():
+        _reload_records(Path(path))
+        RESTORE.append(lambda: _reload_records(None))
+    return apply
+
+
 def _set(module, **values):
     def apply():
         for k, v in values.items():
@@ -123,6 +145,7 @@ VARIANTS = {
     "action_attention_bm32": [_set(A, FEW_ROWS_TALL=A.Config(block_m=32, block_n=64, num_warps=4, num_stages=3))],
     "fused_layers": [lambda: G.set_fused_layers(True)],
     "no_host_reads": [_no_host_reads()],
+    "records_session4": [_records("docs/bench/linear_records_session4_h100.json")],
     "action_attention_bm128_w8": [_set(A, FEW_ROWS_TALL=A.Config(block_m=128, block_n=64, num_warps=8, num_stages=3))],
     "action_attention_bm128_w8_bn32": [_set(A, FEW_ROWS_TALL=A.Config(block_m=128, block_n=32, num_warps=8,
                                                                       num_stages=4))],

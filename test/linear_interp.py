@@ -12,7 +12,8 @@ launcher allocates filled with NaN (output, fp32 partials), "__swiglu__" maps a 
 Config fields or None) for skinny_swiglu, and "__mlp__" maps a name to (h, gate, up, down weights) for
 graphs._mlp (see mlp_with_and_without_record). RESULTS.pt maps each name to (output, w strides as the
 kernel saw them), "__capture__" to the sequence's outputs, "__repeat__" each of its names to the
-second (poisoned) output, "__swiglu__" and "__mlp__" to their outputs by name.
+second (poisoned) output, "__swiglu__" and "__mlp__" to their outputs by name, "__tma__" each case with a TMA
+config to whether its operands took the TMA kernel (else the pointer kernel ran the same config).
 """
 
 import os
@@ -102,6 +103,8 @@ def main(cases_path: str, results_path: str) -> None:
         x, w, bias, config = case
         cfg = None if config is None else L.Config(**config)
         results[name] = (L.skinny_linear(x, w, bias, config=cfg), w.stride())
+    results["__tma__"] = {name: L._tma_usable(L._rows(case[0]), case[1]) for name, case in cases.items()
+                          if not name.startswith("__") and case[3] is not None and case[3].get("tma")}
     results["__capture__"] = capture_sequence(*cases["__capture__"][:3])
     results["__repeat__"] = {name: run_poisoned(*cases[name][:3], L.Config(**cases[name][3]))
                              for name in cases.get("__repeat__", [])}

@@ -33,6 +33,10 @@ def _cfg(bn, bk, split):
     return dict(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=2)
 
 
+def _tma(bn, bk, split):
+    return dict(_cfg(bn, bk, split), tma=True)
+
+
 def _bal(bn, bk, programs):
     return dict(block_n=bn, block_k=bk, split_k=0, num_warps=4, num_stages=2, programs=programs)
 
@@ -77,7 +81,19 @@ CASES = {
     "balanced_bf16": lambda: (_t((8, 160), 49, torch.bfloat16), _row_slice(96, 160, 50).bfloat16(),
                               _t((96,), 51, torch.bfloat16), _bal(32, 64, 5)),
     "__capture__": lambda: (_t((2, 2, 64), 27), _row_slice(48, 64, 28), _t((48,), 29), None),
+    # the TMA variant (Config.tma) of pointer cases above: same inputs, same tiles
+    "tma_m5_row_slice_bias_k_tail": lambda: (_t((5, 160), 3), _row_slice(96, 160, 4), _t((96,), 5), _tma(32, 64, 1)),
+    "tma_m16_split3_n_tail_bias": lambda: (_t((16, 160), 6), _t((200, 160), 7), _t((200,), 8), _tma(32, 32, 3)),
+    "tma_column_slice_row_stride": lambda: (_t((5, 64), 17), _t((96, 96), 18)[:, 16:80], None, _tma(32, 32, 2)),
+    "tma_bf16_split": lambda: (_t((8, 160), 22, torch.bfloat16), _row_slice(96, 160, 23).bfloat16(),
+                               _t((96,), 24, torch.bfloat16), _tma(32, 64, 2)),
+    # a weight whose base is not 16-byte aligned (a column slice starting at element 1): no descriptor can
+    # address it, so the pointer kernel runs the TMA config
+    "tma_unaligned_falls_back": lambda: (_t((5, 64), 52), _t((48, 65), 53)[:, 1:], None, _tma(16, 32, 1)),
 }
+TMA_TWINS = {"tma_m5_row_slice_bias_k_tail": "m5_row_slice_bias_k_tail",
+             "tma_m16_split3_n_tail_bias": "m16_split3_n_tail_bias",
+             "tma_column_slice_row_stride": "column_slice_row_stride", "tma_bf16_split": "bf16_split"}
 REPEAT = ["balanced_m8_bias_n_k_tails", "balanced_m60_row_slice", "balanced_bf16"]  # rerun with NaN-filled memory
 
 # skinny_swiglu: name -> (x, w_gate_up [2I, K], forced config or None = the default config). Weights are
@@ -94,6 +110,9 @@ SWIGLU_CASES = {
                      _cfg(32, 64, 1)),
     "bf16_split": lambda: (_t((8, 160), 42, torch.bfloat16), _row_slice(2 * 48, 160, 43, 1 / 12, torch.bfloat16),
                            _cfg(32, 64, 2)),
+    "tma_m8_row_slice_n_and_k_tails": lambda: (_t((8, 160), 32), _row_slice(2 * 40, 160, 33, 1 / 12), _tma(16, 64, 1)),
+    "tma_bf16_split": lambda: (_t((8, 160), 42, torch.bfloat16), _row_slice(2 * 48, 160, 43, 1 / 12, torch.bfloat16),
+                               _tma(32, 64, 2)),
 }
 
 # graphs._mlp with and without a shipped swiglu record: name -> (h, gate, up, down weights)
@@ -121,6 +140,7 @@ def kernel(tmp_path_factory):
     out = {name: (inputs[name], *results[name]) for name in CASES if name != "__capture__"}
     out["__capture__"] = (inputs["__capture__"], results["__capture__"])
     out["__repeat__"] = results["__repeat__"]
+    out["__tma__"] = results["__tma__"]
     for group in ("__swiglu__", "__mlp__"):
         out[group] = {name: (inputs[group][name], results[group][name]) for name in inputs[group]}
     return out
@@ -163,6 +183,43 @@ def test_split_and_unsplit_agree(kernel):
 def test_16_bit_inputs_give_16_bit_outputs_close_to_fp32(kernel):
     _check(kernel, "bf16_split", rtol=1e-2, atol=2e-2)
     _check(kernel, "fp16", rtol=1e-3, atol=1e-2)
+
+
+def test_the_tma_variant_gives_bitwise_the_pointer_kernels_output(kernel):
+    """Config.tma loads the W and x tiles through TMA descriptors (zeros past N, M and K instead of masks):
+    the same tiles and sums, so the same bits as the pointer kernel, split or not, bias or not, fp32 or bf16,
+    a weight row slice or a row stride larger than K."""
+    for tma_case, twin in TMA_TWINS.items():
+        assert kernel["__tma__"][tma_case], f"{tma_case}: the TMA kernel did not run"
+        assert torch.equal(kernel[tma_case][1], kernel[twin][1]), tma_case
+        _check(kernel, tma_case, **({"rtol": 1e-2, "atol": 2e-2} if "bf16" in tma_case else {}))
+
+
+def test_a_tma_config_on_operands_no_descriptor_can_address_runs_the_pointer_kernel(kernel):
+    assert not kernel["__tma__"]["tma_unaligned_falls_back"]
+    _check(kernel, "tma_unaligned_falls_back")
+
+
+def test_the_tma_swiglu_variant_gives_bitwise_the_pointer_kernels_output(kernel):
+    sw = kernel["__swiglu__"]
+    for tma_case, twin in (("tma_m8_row_slice_n_and_k_tails", "m8_row_slice_n_and_k_tails"),
+                           ("tma_bf16_split", "bf16_split")):
+        assert torch.equal(sw[tma_case][1], sw[twin][1]), tma_case
+
+
+def test_tma_candidates_double_the_split_grids_and_alternate_with_the_other_kinds():
+    plain = L.candidates(8, 4096, 4096, 132)
+    both = L.candidates(8, 4096, 4096, 132, tma=True)
+    split = L.split_candidates(8, 4096, 4096, 132)
+    assert both == split + [L.Config(**{**c.__dict__, "tma": True}) for c in split] + [c for c in plain if c.balanced]
+    order = L._alternating_kinds(both)
+    assert sorted(map(repr, order)) == sorted(map(repr, both))
+    kinds = ["balanced" if c.balanced else "tma" if c.tma else "split" for c in order[:3]]
+    assert kinds == ["split", "tma", "balanced"]
+    sw = L.split_candidates(8, 4096, 4096, 132, tiles=2)
+    assert L.candidates(8, 4096, 4096, 132, tiles=2, tma=True) == sw + [L.Config(**{**c.__dict__, "tma": True}) for c in sw]
+    with pytest.raises(ValueError):
+        L.Config(64, 128, 0, 4, 4, programs=132, tma=True)  # no balanced TMA kernel
 
 
 def test_untuned_shape_during_capture_falls_back_to_f_linear_then_uses_the_cached_config(kernel):

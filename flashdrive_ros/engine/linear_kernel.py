@@ -62,7 +62,7 @@ few-row layers of graphs._decoder_stack_fused; `fused_linear_reference` is its s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import functools
 import itertools
 import time
@@ -81,6 +81,10 @@ try:
 except ImportError:  # CPU-only installs: F.linear still works, available() says False
     triton = None
     tl = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 # Programmatic dependent launch lets a kernel start before its producer has finished; the weights do not
@@ -110,10 +114,13 @@ class Config:
     num_warps: int
     num_stages: int
     programs: int = 0
+    tma: bool = False  # split-K grids only: W and x tiles through TMA tensor descriptors (sm_90+)
 
     def __post_init__(self):
         if (self.split_k == 0) != (self.programs > 0):
             raise ValueError(f"{self}: split_k 0 goes with programs > 0 (balanced mode), and only it")
+        if self.tma and self.balanced:
+            raise ValueError(f"{self}: the balanced mode has no TMA variant")
 
     @property
     def balanced(self) -> bool:
@@ -141,6 +148,8 @@ MIN_PROGRAMS_PER_SM = 0.9
 MAX_PROGRAMS_PER_SM = 2
 SMEM_BYTES = 200 * 1024  # per-program pipeline buffers must fit (H100: 227 KB per block)
 TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25  # do_bench per candidate
+# Time the TMA variant (Config.tma) of every split-K candidate too, where the operands allow TMA.
+TMA_CANDIDATES = True
 # Wall-clock cap on one shape's tuning, compiles included (None: every candidate is timed). A script with
 # a time limit sets it; the candidates are timed alternately from the split-K and the balanced lists, so
 # that a cut leaves both kinds represented.
@@ -181,12 +190,14 @@ def _fits(c: Config, m: int, k: int, elt: int, tiles: int = 1) -> bool:
     return _smem(c, m, elt, tiles) <= SMEM_BYTES and (c.block_k <= 64 or c.block_k // 2 < k)
 
 
-def candidates(m: int, n: int, k: int, sms: int, elt: int = 2, tiles: int = 1) -> list[Config]:
-    """The configs worth timing for this shape: the split-K grids of `split_candidates`, then the
-    balanced ones of `balanced_candidates`. Never empty. n: output columns; tiles: weight tiles
-    streamed per output column block (2: skinny_swiglu's gate and up rows; its kernel has no balanced
-    mode, so it gets the split-K grids only)."""
+def candidates(m: int, n: int, k: int, sms: int, elt: int = 2, tiles: int = 1, tma: bool = False) -> list[Config]:
+    """The configs worth timing for this shape: the split-K grids of `split_candidates` (with tma, each
+    also as its TMA variant), then the balanced ones of `balanced_candidates`. Never empty. n: output
+    columns; tiles: weight tiles streamed per output column block (2: skinny_swiglu's gate and up rows;
+    its kernel has no balanced mode, so it gets the split-K grids only)."""
     split = split_candidates(m, n, k, sms, elt, tiles)
+    if tma:
+        split = split + [replace(c, tma=True) for c in split]
     if tiles > 1:
         return split
     return split + balanced_candidates(m, n, k, sms, elt)
@@ -326,6 +337,48 @@ if triton is not None:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if USE_PDL and not EARLY:
+            gdc_launch_dependents()
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT:
+            tl.store(P + (pid_s * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + offs_m[None, :] * N + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_linear_tma_fwd(X_DESC, W_DESC, W, B, Y, P, M, N, K, stride_wn, chunk,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                               PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
+                               PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
+        """_skinny_linear_fwd with the W tile [BLOCK_N, BLOCK_K] and the x tile [BLOCK_M, BLOCK_K] loaded
+        through TMA tensor descriptors (Config.tma): bulk copies into shared memory, multi-buffered by
+        the compiler, no per-element addresses or masks (TMA reads zeros past N, M and K). W (the same
+        weight as a pointer) serves the L2 prefetch before the PDL wait only."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, K)
+        if USE_PDL:
+            if PREFETCH > 0:
+                _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_K):  # chunk is a multiple of BLOCK_K: only K's end is partial
+            w = W_DESC.load([pid_n * BLOCK_N, start])
+            x = X_DESC.load([0, start])
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
@@ -504,6 +557,52 @@ if triton is not None:
             y = _round(acc_g * tl.sigmoid(acc_g) * acc_u, Y.dtype.element_ty, RNE_BF16)
             tl.store(Y + offs_m[None, :] * I + offs_n[:, None], y, mask=out_mask)
 
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_swiglu_tma_fwd(X_DESC, WG_DESC, WU_DESC, WG, WU, Y, P, M, I, K, stride_wn, chunk,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                               RNE_BF16: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                               LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
+        """_skinny_swiglu_fwd with its gate, up and x tiles through TMA descriptors (as
+        _skinny_linear_tma_fwd); WG / WU as pointers for the prefetch only."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        n_ok = offs_n < I
+        m_ok = offs_m < M
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, K)
+        if USE_PDL:
+            if PREFETCH > 0:
+                _prefetch_weight_rows(WG, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+                _prefetch_weight_rows(WU, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            wg = WG_DESC.load([pid_n * BLOCK_N, start])
+            wu = WU_DESC.load([pid_n * BLOCK_N, start])
+            x = X_DESC.load([0, start])
+            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+                x = x.to(tl.float32)
+                wg = wg.to(tl.float32)
+                wu = wu.to(tl.float32)
+            acc_g = tl.dot(wg, tl.trans(x), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision=PRECISION)
+        if USE_PDL and not EARLY:
+            gdc_launch_dependents()
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT:
+            p_ptrs = P + (pid_s * M + offs_m[None, :]) * (2 * I) + offs_n[:, None]
+            tl.store(p_ptrs, acc_g, mask=out_mask)
+            tl.store(p_ptrs + I, acc_u, mask=out_mask)
+        else:
+            y = _round(acc_g * tl.sigmoid(acc_g) * acc_u, Y.dtype.element_ty, RNE_BF16)
+            tl.store(Y + offs_m[None, :] * I + offs_n[:, None], y, mask=out_mask)
+
     @triton.jit
     def _reduce_swiglu_splits(P, Y, total, I, SPLITS: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr,
                               USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
@@ -630,6 +729,25 @@ def _gemm_pdl_options(t: torch.Tensor, block_k: int) -> dict:
     return options
 
 
+def _tma_usable(x2: torch.Tensor, w: torch.Tensor) -> bool:
+    """Config.tma can run on these operands: descriptors available, TMA hardware (sm_90+, or the
+    interpreter), 16-byte aligned bases and row strides, unit column strides. Otherwise the pointer
+    kernel runs the same config."""
+    if TensorDescriptor is None:
+        return False
+    if not _interpreting() and not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] >= 9):
+        return False
+    elt = x2.element_size()
+    return all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+               and (t.stride(0) * elt) % 16 == 0 for t in (x2, w))
+
+
+def _desc(t: torch.Tensor, rows: int, cols: int):
+    """Host-side TMA descriptor over the 2-D tensor t with [rows, cols] blocks (see attention_kernel:
+    encoded by the launcher, so a CUDA graph captures it like any argument)."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, cols])
+
+
 def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config) -> torch.Tensor:
     if c.balanced:
         return _launch_balanced(x2, w, bias, c)
@@ -642,12 +760,19 @@ def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Con
     p = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else y
     b = bias if bias is not None else y  # unused pointer
     upcast = _interpreting() and x2.dtype != torch.float32
-    _skinny_linear_fwd[(_cdiv(n, c.block_n), splits)](
-        x2, w, b, y, p, m, n, k, x2.stride(0), w.stride(0), chunk,
-        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
-        EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
-        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    if c.tma and _tma_usable(x2, w):
+        _skinny_linear_tma_fwd[(_cdiv(n, c.block_n), splits)](
+            _desc(x2, block_m(m), c.block_k), _desc(w, c.block_n, c.block_k), w, b, y, p, m, n, k, w.stride(0),
+            chunk, BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
+            UPCAST=upcast, PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
+            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    else:
+        _skinny_linear_fwd[(_cdiv(n, c.block_n), splits)](
+            x2, w, b, y, p, m, n, k, x2.stride(0), w.stride(0), chunk,
+            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
+            EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
+            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
@@ -722,12 +847,21 @@ def _launch_swiglu(x2: torch.Tensor, w: torch.Tensor, c: Config) -> torch.Tensor
     rne = _interpreting() and x2.dtype == torch.bfloat16
     # gate and up as two row-slice views: each base pointer is 16-byte aligned on its own (the JIT's
     # pipelining condition), whatever I is
-    _skinny_swiglu_fwd[(_cdiv(i, c.block_n), splits)](
-        x2, w[:i], w[i:], y, p, m, i, k, x2.stride(0), w.stride(0), chunk,
-        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
-        EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
-        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
-        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    wg, wu = w[:i], w[i:]
+    if c.tma and _tma_usable(x2, wg) and _tma_usable(x2, wu):
+        _skinny_swiglu_tma_fwd[(_cdiv(i, c.block_n), splits)](
+            _desc(x2, block_m(m), c.block_k), _desc(wg, c.block_n, c.block_k), _desc(wu, c.block_n, c.block_k),
+            wg, wu, y, p, m, i, k, w.stride(0), chunk,
+            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, UPCAST=upcast,
+            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
+            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    else:
+        _skinny_swiglu_fwd[(_cdiv(i, c.block_n), splits)](
+            x2, wg, wu, y, p, m, i, k, x2.stride(0), w.stride(0), chunk,
+            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
+            EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
+            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_swiglu_splits[(_cdiv(m * i, block),)](p, y, m * i, i, SPLITS=splits, BLOCK=block, RNE_BF16=rne,
@@ -755,7 +889,8 @@ def _tune(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, swiglu: 
     def bench(fn) -> float:
         return 1000.0 * do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median")
 
-    cands = candidates(m, n, k, sm_count(x2), x2.element_size(), tiles)
+    tma = TMA_CANDIDATES and (_tma_usable(x2, w[:n]) and _tma_usable(x2, w[n:]) if swiglu else _tma_usable(x2, w))
+    cands = candidates(m, n, k, sm_count(x2), x2.element_size(), tiles, tma=tma)
     deadline = None if TUNE_BUDGET_S is None else time.perf_counter() + TUNE_BUDGET_S
     times: dict[Config, float] = {}
     for c in _alternating_kinds(cands):
@@ -774,11 +909,11 @@ def _tune(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, swiglu: 
 
 
 def _alternating_kinds(cands: list[Config]) -> list[Config]:
-    """cands in the order split-K 1, balanced 1, split-K 2, balanced 2, ... (each kind in its own order)."""
-    split = [c for c in cands if not c.balanced]
-    balanced = [c for c in cands if c.balanced]
-    pairs = itertools.zip_longest(split, balanced)
-    return [c for pair in pairs for c in pair if c is not None]
+    """cands in the order split-K 1, TMA split-K 1, balanced 1, split-K 2, ... (each kind in its own
+    order), so that a time budget cut leaves every kind represented."""
+    kinds = ([c for c in cands if not c.balanced and not c.tma], [c for c in cands if c.tma],
+             [c for c in cands if c.balanced])
+    return [c for group in itertools.zip_longest(*kinds) for c in group if c is not None]
 
 
 def tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> Tuned | None:
