@@ -165,6 +165,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     names = args.variants.split(",")
+    for n in names:  # "records=PATH": the shipped GEMM records of another file
+        if n.startswith("records="):
+            VARIANTS[n] = [_records(n.split("=", 1)[1])]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")

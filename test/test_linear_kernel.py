@@ -472,6 +472,33 @@ def test_a_tuning_budget_cuts_the_sweep_after_timing_both_kinds_alternately(monk
     assert timed == [c for c in cands if c in timed] and t.config == timed[0]  # ties: the first candidate
 
 
+def test_the_tuner_times_the_tma_variants_where_the_operands_allow_tma(monkeypatch):
+    testing = pytest.importorskip("triton.testing", reason=NO_TRITON)
+    x, w = torch.randn(8, 256), torch.randn(512, 256)
+    monkeypatch.setattr(L, "sm_count", lambda t: 4)
+    monkeypatch.setattr(L, "_launch", lambda x2, w, b, c: None)
+    monkeypatch.setattr(testing, "do_bench", lambda fn, **kw: (fn(), 0.002)[1])
+    monkeypatch.setattr(L, "_tma_usable", lambda x2, w: True)
+    t = L._tune(x, w, None)
+    assert [c for c, _ in t.sweep] == L.candidates(8, 512, 256, 4, 4, tma=True)
+    assert any(c.tma for c, _ in t.sweep)
+    monkeypatch.setattr(L, "TMA_CANDIDATES", False)  # the switch
+    assert not any(c.tma for c, _ in L._tune(x, w, None).sweep)
+    monkeypatch.setattr(L, "TMA_CANDIDATES", True)
+    monkeypatch.setattr(L, "_tma_usable", lambda x2, w: False)  # e.g. before sm_90
+    assert not any(c.tma for c, _ in L._tune(x, w, None).sweep)
+
+
+def test_tma_is_never_chosen_for_cpu_tensors_outside_the_interpreter():
+    """TMA needs the hardware (sm_90+) or Triton's interpreter; the operand checks (alignment, strides) are
+    covered by the interpreter cases tma_* above."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") != "0" or L.TensorDescriptor is None:
+        pytest.skip("checks the CPU-tensor answer outside the interpreter")
+    x, w = torch.randn(8, 64), torch.randn(32, 64)
+    assert not L._tma_usable(x, w)  # CPU tensors outside the interpreter: no TMA hardware
+
+
 def test_the_swiglu_tuner_times_split_grids_only(monkeypatch):
     testing = pytest.importorskip("triton.testing", reason=NO_TRITON)
     x, w = torch.randn(8, 256), torch.randn(2 * 512, 256)
