@@ -324,6 +324,9 @@ def two_kernel_swiglu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return graphs.fused_swiglu(F.linear(x, w))
 
 
+SWIGLU_FINALISTS = 3  # the tuner's fastest SwiGLU configs timed again in a CUDA graph for the record
+
+
 def check_swiglu(name: str, lead: tuple, n: int, k: int, sms: int, tune_s: float) -> tuple[int, list, dict, dict]:
     """Tune, check and time skinny_swiglu on one gate|up shape. Returns (failures, check lines, table row, record)."""
     m, i = lead[0] * lead[1], n // 2
@@ -362,6 +365,22 @@ def check_swiglu(name: str, lead: tuple, n: int, k: int, sms: int, tune_s: float
     tune(lambda: L.skinny_linear(xs[0], ws[0]), tune_s)
     n_calls = 6 if n * k > 1e8 else 30
     us_k = time_graph(lambda c: L.skinny_swiglu(xs[c % COPIES], ws[c % COPIES]), n_calls, 10)
+    # The record's config: the fastest in these graph timings of the tuner's SWIGLU_FINALISTS best (do_bench
+    # picks vary between runs), checked against the reference when it is not the tuner's winner.
+    for c in [c for c, _ in sorted(tuned.sweep, key=lambda t: t[1])[:SWIGLU_FINALISTS] if c != cfg]:
+        us = time_graph(lambda j: L.skinny_swiglu(xs[j % COPIES], ws[j % COPIES], config=c), n_calls, 10)
+        if us < us_k:
+            out = L.skinny_swiglu(xs[1], ws[1], config=c)
+            err = rel_l2(out, L.skinny_swiglu_reference(xs[1], ws[1]))
+            good = err < 1e-2 and not out.isnan().any()
+            log(f"{name:<22} {cfg_name(c):<28} (faster in the graph timings, {us:.1f} against {us_k:.1f} us) "
+                f"rel L2 {err:.1e}  {'ok' if good else 'FAIL'}")
+            if not good:
+                ok = False
+                continue
+            cfg, us_k = c, us
+            tuned = L.Tuned(c, dict(tuned.sweep).get(c), tuned.cublas_us, tuned.sweep)
+            L._TUNED[L._key(L._rows(xs[0]), ws[0], None, swiglu=True)] = tuned
     us_c = time_graph(lambda c: two_kernel_swiglu(xs[c % COPIES], ws[c % COPIES]), n_calls, 10)
     us_s = time_graph(lambda c: graphs.fused_swiglu(L.skinny_linear(xs[c % COPIES], ws[c % COPIES])), n_calls, 10)
     nbytes = (n * k + m * k + m * i) * 2
