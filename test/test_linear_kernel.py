@@ -666,14 +666,16 @@ def test_kernel_compiles_for_hopper_with_a_multi_buffered_pipeline(block_m, tile
     from triton.compiler import ASTSource
     sig = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "P": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32"}
+    sig.update(X_DESC="constexpr", W_DESC="constexpr")
     names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "HAS_BIAS", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION",
-                         "USE_PDL", "PREFETCH", "LINE", "EARLY"]
+                         "USE_PDL", "PREFETCH", "LINE", "EARLY", "TMA"]
     sig.update({n: "constexpr" for n in names[len(sig):]})
     aligned = ("X", "W", "B", "Y", "P", "N", "K", "stride_xm", "stride_wn", "chunk")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     bn, bk, warps, stages = tile
     consts = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, HAS_BIAS=True, EVEN_N=True, EVEN_K=True,
-                  UPCAST=False, PRECISION="tf32", USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False)
+                  UPCAST=False, PRECISION="tf32", USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False, X_DESC=None,
+                  W_DESC=None, TMA=False)
     k = L.triton.compile(ASTSource(L._skinny_linear_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
     assert k.asm["ttgir"].count("async_copy_global") == 2 * stages
@@ -714,15 +716,17 @@ def _compile_swiglu_for_hopper(block_m, tile, split, use_pdl=False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig = {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16", "P": "*fp32", "M": "i32", "I": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32"}
+           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "chunk": "i32",
+           "X_DESC": "constexpr", "WG_DESC": "constexpr", "WU_DESC": "constexpr"}
     names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT", "EVEN_N", "EVEN_K", "UPCAST", "PRECISION",
-                         "RNE_BF16", "USE_PDL", "PREFETCH", "LINE", "EARLY"]
+                         "RNE_BF16", "USE_PDL", "PREFETCH", "LINE", "EARLY", "TMA"]
     sig.update({n: "constexpr" for n in names[len(sig):]})
     aligned = ("X", "WG", "WU", "Y", "P", "I", "K", "stride_xm", "stride_wn", "chunk")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     bn, bk, warps, stages = tile
     consts = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, EVEN_N=True, EVEN_K=True, UPCAST=False,
-                  PRECISION="tf32", RNE_BF16=False, USE_PDL=use_pdl, PREFETCH=0, LINE=64, EARLY=False)
+                  PRECISION="tf32", RNE_BF16=False, USE_PDL=use_pdl, PREFETCH=0, LINE=64, EARLY=False, X_DESC=None,
+                  WG_DESC=None, WU_DESC=None, TMA=False)
     return L.triton.compile(ASTSource(L._skinny_swiglu_fwd, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
 
@@ -753,3 +757,40 @@ def test_swiglu_kernel_with_pdl_waits_first_and_releases_after_its_k_loop(split)
     assert 0 <= wait < min(loads)
     assert max(ptx.rfind("cp.async"), ptx.rfind("mma")) < launch < ptx.rfind("st.global")
     assert "griddepcontrol" not in _compile_swiglu_for_hopper(16, (64, 128, 4, 4), split).asm["ptx"]
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_the_tma_config_compiles_for_hopper_to_bulk_tensor_copies(swiglu):
+    """Config.tma on sm_90 (offline compile): every W and x tile is a TMA bulk tensor copy (cp.async.bulk.tensor),
+    none a per-thread cp.async; the pointer config of the same tile is the other way round."""
+    if L.triton is None:
+        pytest.skip("triton is not installed (scripts/setup.sh installs it)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = L._skinny_swiglu_fwd if swiglu else L._skinny_linear_fwd
+    bm, bn, bk, k = (64, 64, 128, 2048) if swiglu else (16, 32, 256, 4096)
+    descs = ("X_DESC", "WG_DESC", "WU_DESC") if swiglu else ("X_DESC", "W_DESC")
+    ints = dict(M=8, N=4096, I=4096, K=k, stride_xm=k, stride_wn=k, chunk=k)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=False, EVEN_N=True, EVEN_K=True, UPCAST=False,
+                  PRECISION="tf32", USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False)
+    common.update(RNE_BF16=False) if swiglu else common.update(HAS_BIAS=False)
+    counts = {}
+    for tma in (True, False):
+        consts = dict(common, TMA=tma, **({} if tma else dict.fromkeys(descs)))
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in descs:
+                sig[name] = f"tensordesc<bf16[{bm if name == 'X_DESC' else bn},{bk}]>"
+            elif name in ints:
+                sig[name] = "i32"
+                attrs[(i,)] = [["tt.divisibility", 16]] if ints[name] % 16 == 0 else []
+            else:
+                sig[name] = "*fp32" if name == "P" else "*bf16"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        ptx = L.triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=4, num_stages=4)).asm["ptx"]
+        counts[tma] = (ptx.count("cp.async.bulk.tensor"), ptx.count("cp.async.cg"))
+    assert counts[True][0] > 0 and counts[True][1] == 0
+    assert counts[False][0] == 0 and counts[False][1] > 0

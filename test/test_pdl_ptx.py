@@ -54,7 +54,8 @@ def _order(ptx: str) -> list[str]:
 
 def _linear(prefetch: int, early: bool) -> str:  # the LM's o projection in a verify pass (M = 8)
     c = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT=False, HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
-             UPCAST=False, PRECISION="tf32", USE_PDL=True, PREFETCH=prefetch, LINE=64, EARLY=early)
+             UPCAST=False, PRECISION="tf32", USE_PDL=True, PREFETCH=prefetch, LINE=64, EARLY=early,
+             X_DESC=None, W_DESC=None, TMA=False)
     ptrs = dict.fromkeys(("X", "W", "B", "Y"), "*bf16") | {"P": "*fp32"}
     ints = dict(M=8, N=4096, K=4096, stride_xm=4096, stride_wn=4096, chunk=4096)
     return _ptx(L._skinny_linear_fwd, c, ptrs, ints, 4, 5)
@@ -62,7 +63,8 @@ def _linear(prefetch: int, early: bool) -> str:  # the LM's o projection in a ve
 
 def _swiglu(prefetch: int, early: bool) -> str:  # the expert's gate|up + SwiGLU (M = 64)
     c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT=False, EVEN_N=True, EVEN_K=True, UPCAST=False,
-             PRECISION="tf32", RNE_BF16=False, USE_PDL=True, PREFETCH=prefetch, LINE=64, EARLY=early)
+             PRECISION="tf32", RNE_BF16=False, USE_PDL=True, PREFETCH=prefetch, LINE=64, EARLY=early,
+             X_DESC=None, WG_DESC=None, WU_DESC=None, TMA=False)
     ptrs = dict.fromkeys(("X", "WG", "WU", "Y"), "*bf16") | {"P": "*fp32"}
     ints = dict(M=64, I=8256, K=2048, stride_xm=2048, stride_wn=2048, chunk=2048)
     return _ptx(L._skinny_swiglu_fwd, c, ptrs, ints, 4, 4)

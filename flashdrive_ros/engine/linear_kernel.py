@@ -290,18 +290,21 @@ if triton is not None:
         _prefetch_l2(tl.where(ok, W + offs_n[:, None] * stride_wn + k[None, :], W))
 
     @triton.jit(do_not_specialize=["M"])
-    def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk,
+    def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk, X_DESC, W_DESC,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                            USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-                           EARLY: tl.constexpr = False):
+                           EARLY: tl.constexpr = False, TMA: tl.constexpr = False):
         """Program (column block, split): acc[n, m] = sum over its K chunk of W[n, k] X[m, k].
         SPLIT: store the fp32 partial at P[split, m, n] (for _reduce_splits); otherwise add the bias
         and store Y[m, n] in Y's dtype. USE_PDL: launched early (programmatic dependent launch); x is
         read only after the previous kernel is done (its first PREFETCH K steps of weight rows are
         hinted into L2 before that, LINE elements per hint), and the next one may launch once the K
-        loop ends."""
+        loop ends (EARLY: right after the wait). TMA (Config.tma): the W tile [BLOCK_N, BLOCK_K] and the
+        x tile [BLOCK_M, BLOCK_K] come through the descriptors W_DESC / X_DESC (bulk copies into shared
+        memory, no per-element addresses or masks: TMA reads zeros past N, M and K); else (None) through
+        the pointers."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,8 +323,11 @@ if triton is not None:
         w_ptrs = W + offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
         x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_K):
-            if EVEN_K:
+        for start in range(lo, hi, BLOCK_K):  # chunk is a multiple of BLOCK_K: only K's end is partial
+            if TMA:
+                w = W_DESC.load([pid_n * BLOCK_N, start])
+                x = X_DESC.load([0, start])
+            elif EVEN_K:
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 if EVEN_N:
                     w = tl.load(w_ptrs)
@@ -337,48 +343,6 @@ if triton is not None:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if USE_PDL and not EARLY:
-            gdc_launch_dependents()
-        out_mask = n_ok[:, None] & m_ok[None, :]
-        if SPLIT:
-            tl.store(P + (pid_s * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(Y + offs_m[None, :] * N + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
-
-    @triton.jit(do_not_specialize=["M"])
-    def _skinny_linear_tma_fwd(X_DESC, W_DESC, W, B, Y, P, M, N, K, stride_wn, chunk,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                               PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
-                               PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
-        """_skinny_linear_fwd with the W tile [BLOCK_N, BLOCK_K] and the x tile [BLOCK_M, BLOCK_K] loaded
-        through TMA tensor descriptors (Config.tma): bulk copies into shared memory, multi-buffered by
-        the compiler, no per-element addresses or masks (TMA reads zeros past N, M and K). W (the same
-        weight as a pointer) serves the L2 prefetch before the PDL wait only."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, K)
-        if USE_PDL:
-            if PREFETCH > 0:
-                _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-            gdc_wait()
-            if EARLY:  # see TRIGGER_EARLY
-                gdc_launch_dependents()
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_K):  # chunk is a multiple of BLOCK_K: only K's end is partial
-            w = W_DESC.load([pid_n * BLOCK_N, start])
-            x = X_DESC.load([0, start])
-            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
@@ -491,16 +455,17 @@ if triton is not None:
         return x.to(dt)
 
     @triton.jit(do_not_specialize=["M"])
-    def _skinny_swiglu_fwd(X, WG, WU, Y, P, M, I, K, stride_xm, stride_wn, chunk,
+    def _skinny_swiglu_fwd(X, WG, WU, Y, P, M, I, K, stride_xm, stride_wn, chunk, X_DESC, WG_DESC, WU_DESC,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
                            USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-                           EARLY: tl.constexpr = False):
+                           EARLY: tl.constexpr = False, TMA: tl.constexpr = False):
         """_skinny_linear_fwd over two weights at once: program (column block, split) streams gate rows
         WG[n] and up rows WU[n] (= gate row I + n of the fused buffer) against one x tile per K step.
         SPLIT: store the fp32 partials at P[split, m, n] (gate) and P[split, m, I + n] (up), for
-        _reduce_swiglu_splits; otherwise store Y[m, n] = silu(g) * u, computed in fp32, rounded once."""
+        _reduce_swiglu_splits; otherwise store Y[m, n] = silu(g) * u, computed in fp32, rounded once.
+        TMA: the gate, up and x tiles through the descriptors (as in _skinny_linear_fwd)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -524,7 +489,11 @@ if triton is not None:
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_K):
-            if EVEN_K:
+            if TMA:
+                wg = WG_DESC.load([pid_n * BLOCK_N, start])
+                wu = WU_DESC.load([pid_n * BLOCK_N, start])
+                x = X_DESC.load([0, start])
+            elif EVEN_K:
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 if EVEN_N:
                     wg = tl.load(wg_ptrs)
@@ -546,52 +515,6 @@ if triton is not None:
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if USE_PDL and not EARLY:
-            gdc_launch_dependents()
-        out_mask = n_ok[:, None] & m_ok[None, :]
-        if SPLIT:
-            p_ptrs = P + (pid_s * M + offs_m[None, :]) * (2 * I) + offs_n[:, None]
-            tl.store(p_ptrs, acc_g, mask=out_mask)
-            tl.store(p_ptrs + I, acc_u, mask=out_mask)
-        else:
-            y = _round(acc_g * tl.sigmoid(acc_g) * acc_u, Y.dtype.element_ty, RNE_BF16)
-            tl.store(Y + offs_m[None, :] * I + offs_n[:, None], y, mask=out_mask)
-
-    @triton.jit(do_not_specialize=["M"])
-    def _skinny_swiglu_tma_fwd(X_DESC, WG_DESC, WU_DESC, WG, WU, Y, P, M, I, K, stride_wn, chunk,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                               RNE_BF16: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                               LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
-        """_skinny_swiglu_fwd with its gate, up and x tiles through TMA descriptors (as
-        _skinny_linear_tma_fwd); WG / WU as pointers for the prefetch only."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        n_ok = offs_n < I
-        m_ok = offs_m < M
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, K)
-        if USE_PDL:
-            if PREFETCH > 0:
-                _prefetch_weight_rows(WG, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-                _prefetch_weight_rows(WU, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-            gdc_wait()
-            if EARLY:  # see TRIGGER_EARLY
-                gdc_launch_dependents()
-        acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_K):
-            wg = WG_DESC.load([pid_n * BLOCK_N, start])
-            wu = WU_DESC.load([pid_n * BLOCK_N, start])
-            x = X_DESC.load([0, start])
-            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
-                x = x.to(tl.float32)
-                wg = wg.to(tl.float32)
-                wu = wu.to(tl.float32)
-            acc_g = tl.dot(wg, tl.trans(x), acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision=PRECISION)
         if USE_PDL and not EARLY:
             gdc_launch_dependents()
         out_mask = n_ok[:, None] & m_ok[None, :]
@@ -760,19 +683,14 @@ def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Con
     p = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else y
     b = bias if bias is not None else y  # unused pointer
     upcast = _interpreting() and x2.dtype != torch.float32
-    if c.tma and _tma_usable(x2, w):
-        _skinny_linear_tma_fwd[(_cdiv(n, c.block_n), splits)](
-            _desc(x2, block_m(m), c.block_k), _desc(w, c.block_n, c.block_k), w, b, y, p, m, n, k, w.stride(0),
-            chunk, BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
-            UPCAST=upcast, PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
-    else:
-        _skinny_linear_fwd[(_cdiv(n, c.block_n), splits)](
-            x2, w, b, y, p, m, n, k, x2.stride(0), w.stride(0), chunk,
-            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
-            EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
-            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32",
-            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    tma = c.tma and _tma_usable(x2, w)
+    _skinny_linear_fwd[(_cdiv(n, c.block_n), splits)](
+        x2, w, b, y, p, m, n, k, x2.stride(0), w.stride(0), chunk,
+        _desc(x2, block_m(m), c.block_k) if tma else None, _desc(w, c.block_n, c.block_k) if tma else None,
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, HAS_BIAS=bias is not None,
+        EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", TMA=tma,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
@@ -848,20 +766,15 @@ def _launch_swiglu(x2: torch.Tensor, w: torch.Tensor, c: Config) -> torch.Tensor
     # gate and up as two row-slice views: each base pointer is 16-byte aligned on its own (the JIT's
     # pipelining condition), whatever I is
     wg, wu = w[:i], w[i:]
-    if c.tma and _tma_usable(x2, wg) and _tma_usable(x2, wu):
-        _skinny_swiglu_tma_fwd[(_cdiv(i, c.block_n), splits)](
-            _desc(x2, block_m(m), c.block_k), _desc(wg, c.block_n, c.block_k), _desc(wu, c.block_n, c.block_k),
-            wg, wu, y, p, m, i, k, w.stride(0), chunk,
-            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split, UPCAST=upcast,
-            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
-            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
-    else:
-        _skinny_swiglu_fwd[(_cdiv(i, c.block_n), splits)](
-            x2, wg, wu, y, p, m, i, k, x2.stride(0), w.stride(0), chunk,
-            BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
-            EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
-            PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne,
-            num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
+    tma = c.tma and _tma_usable(x2, wg) and _tma_usable(x2, wu)
+    _skinny_swiglu_fwd[(_cdiv(i, c.block_n), splits)](
+        x2, wg, wu, y, p, m, i, k, x2.stride(0), w.stride(0), chunk,
+        *((_desc(x2, block_m(m), c.block_k), _desc(wg, c.block_n, c.block_k), _desc(wu, c.block_n, c.block_k))
+          if tma else (None, None, None)),
+        BLOCK_M=block_m(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=split,
+        EVEN_N=i % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
+        PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", RNE_BF16=rne, TMA=tma,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
     if split:
         block = 1024
         _reduce_swiglu_splits[(_cdiv(m * i, block),)](p, y, m * i, i, SPLITS=splits, BLOCK=block, RNE_BF16=rne,
