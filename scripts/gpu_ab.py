@@ -1,18 +1,21 @@
 """A/B of engine switches on the full-shape benchmark row (issue 7, session 5).
 
-Variants (VARIANTS below) are changes against the engine's defaults: "session4" is the code as session 4 left it
-(PDL without the prefetch, the late launch trigger, the 5 % shipping margin), "no_pdl" has no programmatic
-dependent launch, the others change one switch each.
+    python scripts/gpu_ab.py [--variants defaults,prefetch2,...] [--rounds 2] [--steps 10] [--shape full]
+                             [--out ab.json]
 
-    python scripts/gpu_ab.py [--variants base,prefetch2,...] [--rounds 2] [--steps 10] [--shape full] [--out ab.json]
+Variants (VARIANTS below) are changes against the engine's defaults: "session4" is the launch code as session 4
+left it (PDL without the prefetch, the late launch trigger, the 5 % shipping margin; with this session's
+records), "no_pdl" has no programmatic dependent launch, "records=PATH" runs the GEMM records of another file,
+the others change one switch each.
 
 Builds the benchmark's OursPipeline once (random weights, timing only) and times the row "ours: all (τ=5.6)"
-under each variant: the variant's module switches are set, every CUDA graph is captured again (the switches
-are compile-time constants of the kernels), the window is prefilled, then `steps` steps are timed after 2
-warm-up steps. The variants run in interleaved rounds (A B C A B C ...), so drift of the GPU shows as a
-spread between rounds, not as a difference between variants. Per variant: median per stage over all of its
-steps, and whether its last trajectory (and its drafted tokens' agreement count) are bitwise those of the first variant (a pure scheduling
-switch such as the prefetch must not change a bit; a GEMM route change may change roundings).
+under each variant: the variant's module switches are set, every CUDA graph is captured again (the switches are
+compile-time constants of the kernels), the window is prefilled, then `steps` steps are timed after 2 warm-up
+steps. The variants run in interleaved rounds (A B C A B C ...), so drift of the GPU shows as a spread between
+rounds, not as a difference between variants. Per variant: median per stage over all of its steps, and whether
+its last trajectory (and its drafted tokens' agreement count) are bitwise those of the first variant (a pure
+scheduling switch such as the prefetch must not change a bit; a GEMM route change may change roundings).
+--shape tiny runs the script itself on the CPU (no CUDA: the route and records variants need a GPU).
 """
 import argparse
 import json
@@ -35,25 +38,14 @@ STAGES = ("encode", "prefill", "decode", "action", "total")
 MODE = Mode(streaming=True, tau=5.6, flow="adaptive", graphs=True)
 
 
-def _route_skinny(names: tuple[str, ...]):
-    """Run the shipped records named `names` on the Triton kernel even where cuBLAS timed faster alone."""
+def _route(names: tuple[str, ...], skinny: bool):
+    """Run the shipped records named `names` on the Triton kernel (skinny) or on cuBLAS, whatever their
+    times say."""
     def apply():
         dev = torch.cuda.current_device()
         records = json.loads(G.tuned_linear_file(torch.cuda.get_device_name()).read_text())["records"]
-        for r in records:
-            if r["name"] in names:
-                G._SHIPPED["use"].add(LK.record_key(dict(r, device=dev)))
-    return apply
-
-
-def _route_cublas(names: tuple[str, ...]):
-    """Run the shipped records named `names` on cuBLAS (as before session 5's shipping margin)."""
-    def apply():
-        dev = torch.cuda.current_device()
-        records = json.loads(G.tuned_linear_file(torch.cuda.get_device_name()).read_text())["records"]
-        for r in records:
-            if r["name"] in names:
-                G._SHIPPED["use"].discard(LK.record_key(dict(r, device=dev)))
+        keys = {LK.record_key(dict(r, device=dev)) for r in records if r["name"] in names}
+        G._SHIPPED["use"] = G._SHIPPED["use"] | keys if skinny else G._SHIPPED["use"] - keys
     return apply
 
 
@@ -128,17 +120,19 @@ def _pdl(linear_tiles: int, attention_blocks: int, early: bool = False):
 SWITCHES = [(LK, "PREFETCH_TILES"), (LK, "TRIGGER_EARLY"), (A, "PREFETCH_BLOCKS"), (A, "TRIGGER_EARLY"),
             (A, "FUSED_MERGE"), (A, "PROGRAMS_PER_SM"), (A, "FEW_ROWS"), (A, "FEW_ROWS_TALL"), (A, "PDL")]
 LM_QKV = ("lm qkv M=8", "lm qkv M=1")  # kernel within 5 % of cuBLAS alone: shipped with PDL since session 5
+LM_SWIGLU = ("lm gate|up+swiglu M=8", "lm gate|up+swiglu M=1")  # likewise
 EXPERT_CUBLAS = ("expert qkv", "expert o", "expert down")  # the records where cuBLAS was faster alone
 VARIANTS = {
     "defaults": [],
-    "session4": _pdl(0, 0) + [_route_cublas(LM_QKV)],  # PDL without prefetch, late trigger, margin 0.95
-    "no_pdl": [_set(A, PDL=False), _route_cublas(LM_QKV)],
+    # PDL without prefetch, late trigger, the 5 % margin (LM q|k|v and gate|up + SwiGLU back on their cuBLAS paths)
+    "session4": _pdl(0, 0) + [_route(LM_QKV + LM_SWIGLU, skinny=False)],
+    "no_pdl": [_set(A, PDL=False), _route(LM_QKV, skinny=False)],
     "prefetch0": _pdl(0, 0, True),
     "prefetch2": _pdl(2, 2, True),
     "late_trigger": _pdl(1, 1, False),
-    "lm_qkv_cublas": [_route_cublas(LM_QKV)],
-    "expert_skinny": [_route_skinny(EXPERT_CUBLAS)],
-    "expert_down_skinny": [_route_skinny(("expert down",))],
+    "lm_qkv_cublas": [_route(LM_QKV, skinny=False)],
+    "expert_skinny": [_route(EXPERT_CUBLAS, skinny=True)],
+    "expert_down_skinny": [_route(("expert down",), skinny=True)],
     "fused_merge": [_set(A, FUSED_MERGE=True)],
     "attention_2_per_sm": [_set(A, PROGRAMS_PER_SM=2)],
     "verify_attention_bm32": [_set(A, FEW_ROWS=A.Config(block_m=32, block_n=64, num_warps=4, num_stages=3))],
