@@ -289,6 +289,30 @@ if triton is not None:
         ok = n_ok[:, None] & (k < hi)[None, :]
         _prefetch_l2(tl.where(ok, W + offs_n[:, None] * stride_wn + k[None, :], W))
 
+    @triton.jit
+    def _program_tile(N, M, K, chunk, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Program (column block, split) of the split-K grid: its output columns and rows (with their
+        in-range masks) and its K range [lo, hi)."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        lo = tl.program_id(1) * chunk
+        return pid_n, offs_n, offs_m, offs_n < N, offs_m < M, lo, tl.minimum(lo + chunk, K)
+
+    @triton.jit
+    def _wait_for_producer(W, W2, offs_n, n_ok, stride_wn, lo, hi, SPAN: tl.constexpr, LINE: tl.constexpr,
+                           TWO: tl.constexpr, EARLY: tl.constexpr):
+        """PDL start of a weight-streaming program: hint its first SPAN of K of its weight rows (W, and W2
+        when TWO) into L2 (SPAN 0: none), wait for the producer's memory, and with EARLY let the next
+        kernel launch right away (see PREFETCH_TILES, TRIGGER_EARLY)."""
+        if SPAN > 0:
+            _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, SPAN, LINE)
+            if TWO:
+                _prefetch_weight_rows(W2, offs_n, n_ok, stride_wn, lo, hi, SPAN, LINE)
+        gdc_wait()
+        if EARLY:
+            gdc_launch_dependents()
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk, X_DESC, W_DESC,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -305,21 +329,11 @@ if triton is not None:
         x tile [BLOCK_M, BLOCK_K] come through the descriptors W_DESC / X_DESC (bulk copies into shared
         memory, no per-element addresses or masks: TMA reads zeros past N, M and K); else (None) through
         the pointers."""
-        pid_n = tl.program_id(0)
+        pid_n, offs_n, offs_m, n_ok, m_ok, lo, hi = _program_tile(N, M, K, chunk, BLOCK_N, BLOCK_M)
         pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, K)
         if USE_PDL:
-            if PREFETCH > 0:
-                _prefetch_weight_rows(W, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-            gdc_wait()
-            if EARLY:  # see TRIGGER_EARLY
-                gdc_launch_dependents()
+            _wait_for_producer(W, W, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE, False, EARLY)
         w_ptrs = W + offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
         x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -466,22 +480,11 @@ if triton is not None:
         SPLIT: store the fp32 partials at P[split, m, n] (gate) and P[split, m, I + n] (up), for
         _reduce_swiglu_splits; otherwise store Y[m, n] = silu(g) * u, computed in fp32, rounded once.
         TMA: the gate, up and x tiles through the descriptors (as in _skinny_linear_fwd)."""
-        pid_n = tl.program_id(0)
+        pid_n, offs_n, offs_m, n_ok, m_ok, lo, hi = _program_tile(I, M, K, chunk, BLOCK_N, BLOCK_M)
         pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < I
-        m_ok = offs_m < M
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, K)
         if USE_PDL:  # see _skinny_linear_fwd
-            if PREFETCH > 0:
-                _prefetch_weight_rows(WG, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-                _prefetch_weight_rows(WU, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE)
-            gdc_wait()
-            if EARLY:  # see TRIGGER_EARLY
-                gdc_launch_dependents()
+            _wait_for_producer(WG, WU, offs_n, n_ok, stride_wn, lo, hi, PREFETCH * BLOCK_K, LINE, True, EARLY)
         w_offs = offs_n[:, None] * stride_wn + (lo + offs_k)[None, :]
         wg_ptrs = WG + w_offs
         wu_ptrs = WU + w_offs
