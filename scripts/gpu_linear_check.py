@@ -98,6 +98,21 @@ def log(line: str) -> None:
     print(f"[{elapsed():5.0f} s] {line}", flush=True)
 
 
+def replayed_on(call, sx: torch.Tensor, new_x: torch.Tensor) -> torch.Tensor:
+    """call() (which reads the static input sx) captured in a CUDA graph after a warm-up, then replayed with
+    new_x copied into sx: its output, a copy (the graph is freed)."""
+    warm_up(call)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call()
+    sx.copy_(new_x)
+    g.replay()
+    torch.cuda.synchronize()
+    out = out.clone()
+    del g
+    return out
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -205,15 +220,8 @@ def check_balanced(name: str, bal: L.Config, sx, xs, ws, bias, m: int, n: int, k
         err = rel_l2(outs[0], L.skinny_linear_reference(xs[2], ws[2], bias))
         same = all(torch.equal(o, outs[0]) for o in outs[1:])
         sx.copy_(xs[0])
-        warm_up(lambda: L.skinny_linear(sx, ws[1], bias, config=bal))
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            gout = L.skinny_linear(sx, ws[1], bias, config=bal)
-        sx.copy_(xs[2])
-        g.replay()
-        torch.cuda.synchronize()
+        gout = replayed_on(lambda: L.skinny_linear(sx, ws[1], bias, config=bal), sx, xs[2])
         gerr = rel_l2(gout, L.skinny_linear_reference(xs[2], ws[1], bias))
-        del g, gout
         ok = err < 1e-2 and gerr < 1e-2 and same and not outs[0].isnan().any()
         return ok, (f"{name:<18} balanced {cfg_name(bal):<26} bias rel L2 {err:.1e}  5 calls bitwise equal: {same}"
                     f"  graph replay {gerr:.1e}  {'ok' if ok else 'FAIL'}")
@@ -242,15 +250,7 @@ def check_plain(name: str, lead: tuple, n: int, k: int, sms: int, tune_s: float)
     poison(m, n, dflt, k)
     berr = rel_l2(L.skinny_linear(xs[2], ws[2], bias, config=dflt), L.skinny_linear_reference(xs[2], ws[2], bias))
     sx = xs[0].clone()
-    warm_up(lambda: L.skinny_linear(sx, ws[1]))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gout = L.skinny_linear(sx, ws[1])
-    sx.copy_(xs[2])
-    g.replay()
-    torch.cuda.synchronize()
-    gerr = rel_l2(gout, L.skinny_linear_reference(xs[2], ws[1]))
-    del g, gout
+    gerr = rel_l2(replayed_on(lambda: L.skinny_linear(sx, ws[1]), sx, xs[2]), L.skinny_linear_reference(xs[2], ws[1]))
     ok = err < 1e-2 and berr < 1e-2 and gerr < 1e-2 and not nan
     failures += not ok
     lines.append(f"{name:<18} {cfg_name(cfg):<28} rel L2 {err:.1e}  bias (default {cfg_name(dflt)}) {berr:.1e}"
@@ -357,15 +357,8 @@ def check_swiglu(name: str, lead: tuple, n: int, k: int, sms: int, tune_s: float
             errs[label] = float("nan")
     errs["vs two-kernel"] = rel_l2(L.skinny_swiglu(xs[2], ws[2]), two_kernel_swiglu(xs[2], ws[2]))
     sx = xs[0].clone()
-    warm_up(lambda: L.skinny_swiglu(sx, ws[1]))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gout = L.skinny_swiglu(sx, ws[1])
-    sx.copy_(xs[2])
-    g.replay()
-    torch.cuda.synchronize()
-    errs["graph replay"] = rel_l2(gout, L.skinny_swiglu_reference(xs[2], ws[1]))
-    del g, gout
+    errs["graph replay"] = rel_l2(replayed_on(lambda: L.skinny_swiglu(sx, ws[1]), sx, xs[2]),
+                                  L.skinny_swiglu_reference(xs[2], ws[1]))
     ok = all(e < 1e-2 for e in errs.values()) and not cfg.balanced  # NaN compares False
     line = (f"{name:<22} {cfg_name(cfg):<28} " + "  ".join(f"{lbl} {e:.1e}" for lbl, e in errs.items())
             + f"  (default {cfg_name(dflt)})  {'ok' if ok else 'FAIL'}  (tuned in {took_s:.1f} s, "

@@ -313,6 +313,25 @@ if triton is not None:
         if EARLY:
             gdc_launch_dependents()
 
+    @triton.jit
+    def _k_step_tile(ptrs, DESC, row0, start, rows_ok, k_ok, EVEN_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+                     TMA: tl.constexpr, UPCAST: tl.constexpr):
+        """One K step's tile of a weight (rows: its output columns) or of x (rows: the token rows, row0 0):
+        through the descriptor (TMA: zeros past the ends), else through the pointers, masked where rows or
+        K may run past the end."""
+        if TMA:
+            t = DESC.load([row0, start])
+        elif EVEN_K:
+            if EVEN_ROWS:
+                t = tl.load(ptrs)
+            else:
+                t = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
+            t = t.to(tl.float32)
+        return t
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_linear_fwd(X, W, B, Y, P, M, N, K, stride_xm, stride_wn, chunk, X_DESC, W_DESC,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -338,22 +357,9 @@ if triton is not None:
         x_ptrs = X + offs_m[:, None] * stride_xm + (lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_K):  # chunk is a multiple of BLOCK_K: only K's end is partial
-            if TMA:
-                w = W_DESC.load([pid_n * BLOCK_N, start])
-                x = X_DESC.load([0, start])
-            elif EVEN_K:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                if EVEN_N:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = (start + offs_k) < K
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
+            k_ok = (start + offs_k) < K
+            w = _k_step_tile(w_ptrs, W_DESC, pid_n * BLOCK_N, start, n_ok, k_ok, EVEN_N, EVEN_K, TMA, UPCAST)
+            x = _k_step_tile(x_ptrs, X_DESC, 0, start, m_ok, k_ok, False, EVEN_K, TMA, UPCAST)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -492,27 +498,10 @@ if triton is not None:
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_K):
-            if TMA:
-                wg = WG_DESC.load([pid_n * BLOCK_N, start])
-                wu = WU_DESC.load([pid_n * BLOCK_N, start])
-                x = X_DESC.load([0, start])
-            elif EVEN_K:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                if EVEN_N:
-                    wg = tl.load(wg_ptrs)
-                    wu = tl.load(wu_ptrs)
-                else:
-                    wg = tl.load(wg_ptrs, mask=n_ok[:, None], other=0.0)
-                    wu = tl.load(wu_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = (start + offs_k) < K
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # Triton's interpreter gets tl.dot wrong on 16-bit inputs; fp32 is exact there
-                x = x.to(tl.float32)
-                wg = wg.to(tl.float32)
-                wu = wu.to(tl.float32)
+            k_ok = (start + offs_k) < K
+            x = _k_step_tile(x_ptrs, X_DESC, 0, start, m_ok, k_ok, False, EVEN_K, TMA, UPCAST)
+            wg = _k_step_tile(wg_ptrs, WG_DESC, pid_n * BLOCK_N, start, n_ok, k_ok, EVEN_N, EVEN_K, TMA, UPCAST)
+            wu = _k_step_tile(wu_ptrs, WU_DESC, pid_n * BLOCK_N, start, n_ok, k_ok, EVEN_N, EVEN_K, TMA, UPCAST)
             acc_g = tl.dot(wg, tl.trans(x), acc_g, input_precision=PRECISION)
             acc_u = tl.dot(wu, tl.trans(x), acc_u, input_precision=PRECISION)
             wg_ptrs += BLOCK_K
