@@ -35,6 +35,27 @@ from flashdrive_ros.engine import graphs as G  # noqa: E402
 from flashdrive_ros.engine import linear_kernel as LK  # noqa: E402
 
 STAGES = ("encode", "prefill", "decode", "action", "total")
+# Kernel-route counters: calls of these functions while a variant builds and runs (its graphs are captured
+# again, so a route its switches turn on or off shows up here; replays do not call Python).
+COUNTED = (("norm_kernels", "add_partials_rms_norm"), ("norm_kernels", "add_rms_norm"),
+           ("linear_kernel", "skinny_linear_partials"))
+CALLS: dict = {}
+
+
+def _count_calls() -> None:
+    import importlib
+
+    for mod_name, fn_name in COUNTED:
+        mod = importlib.import_module(f"flashdrive_ros.engine.{mod_name}")
+        real = getattr(mod, fn_name)
+
+        def counted(*a, _real=real, _name=fn_name, **kw):
+            out = _real(*a, **kw)
+            key = _name if out is not None else f"{_name} (None)"
+            CALLS[key] = CALLS.get(key, 0) + 1
+            return out
+
+        setattr(mod, fn_name, counted)
 MODE = Mode(streaming=True, tau=5.6, flow="adaptive", graphs=True)
 
 
@@ -110,6 +131,23 @@ def _set(module, **values):
     return apply
 
 
+def _vision_groups(groups: int):
+    """The vision tower in `groups` image groups on as many streams (graphs.VISION_FAST["groups"])."""
+    def apply():
+        G.VISION_FAST["groups"] = groups
+        RESTORE.append(lambda: G.VISION_FAST.__setitem__("groups", 1))
+    return apply
+
+
+def _switch(table: dict, key: str, value):
+    """table[key] = value for this variant (a dict of switches such as graphs.FUSED_DOWN_NORM), then restored."""
+    def apply():
+        old = table[key]
+        table[key] = value
+        RESTORE.append(lambda: table.__setitem__(key, old))
+    return apply
+
+
 def _pdl(linear_tiles: int, attention_blocks: int, early: bool = False):
     """The weight / K-V prefetch before each wait, and where the kernels let their successor launch."""
     return [_set(LK, PREFETCH_TILES=linear_tiles, TRIGGER_EARLY=early),
@@ -147,6 +185,9 @@ VARIANTS = {
     "action_attention_bn128": [_set(A, FEW_ROWS_TALL=A.Config(block_m=64, block_n=128, num_warps=8, num_stages=3))],
     "attention_prefetch4": [_set(A, PREFETCH_BLOCKS=4)],
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
+    "no_down_norm_fusion": [_switch(G.FUSED_DOWN_NORM, "enabled", False)],
+    "vision_groups2": [_vision_groups(2)],
+    "vision_groups4": [_vision_groups(4)],
 }
 
 
@@ -176,6 +217,7 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "shape": args.shape,
            "mode": MODE.label(), "steps_per_round": args.steps, "variants": {}}
     first = None
+    _count_calls()
     defaults = {(m, a): getattr(m, a) for m, a in SWITCHES}
     for rnd in range(args.rounds):
         for name in names:
@@ -192,6 +234,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
             v = res["variants"].setdefault(name, {"steps": []})
+            CALLS.clear()
             try:
                 ours.full_prefill_window()
                 for _ in range(2):
@@ -206,9 +249,10 @@ def main() -> None:
             if first is None:
                 first = out
             v["bitwise_equal_to_first"] = bool(out[0] == first[0] and torch.equal(out[1], first[1]))
+            v["calls"] = dict(CALLS)
             med = {s: statistics.median(st[s] for st in steps) for s in STAGES}
             print(f"round {rnd} {name:28s} " + "  ".join(f"{s} {med[s]:6.2f}" for s in STAGES)
-                  + f"  equal to first: {v['bitwise_equal_to_first']}", flush=True)
+                  + f"  equal to first: {v['bitwise_equal_to_first']}  calls {v['calls']}", flush=True)
     print(f"\n{res['gpu']}, {res['torch']}; row '{res['mode']}', median ms over {args.rounds} x {args.steps} steps")
     print("| variant | " + " | ".join(STAGES) + " | bitwise = first |")
     print("|---|" + "---:|" * len(STAGES) + "---|")
