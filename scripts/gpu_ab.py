@@ -37,8 +37,7 @@ from flashdrive_ros.engine import linear_kernel as LK  # noqa: E402
 STAGES = ("encode", "prefill", "decode", "action", "total")
 # Kernel-route counters: calls of these functions while a variant builds and runs (its graphs are captured
 # again, so a route its switches turn on or off shows up here; replays do not call Python).
-COUNTED = (("norm_kernels", "add_partials_rms_norm"), ("norm_kernels", "add_rms_norm"),
-           ("linear_kernel", "skinny_linear_partials"))
+COUNTED = (("norm_kernels", "add_rms_norm"), ("linear_kernel", "skinny_linear"), ("linear_kernel", "skinny_swiglu"))
 CALLS: dict = {}
 
 
@@ -131,14 +130,6 @@ def _set(module, **values):
     return apply
 
 
-def _vision_groups(groups: int):
-    """The vision tower in `groups` image groups on as many streams (graphs.VISION_FAST["groups"])."""
-    def apply():
-        G.VISION_FAST["groups"] = groups
-        RESTORE.append(lambda: G.VISION_FAST.__setitem__("groups", 1))
-    return apply
-
-
 def _switch(table: dict, key: str, value):
     """table[key] = value for this variant (a dict of switches such as graphs.FUSED_DOWN_NORM), then restored."""
     def apply():
@@ -185,9 +176,6 @@ VARIANTS = {
     "action_attention_bn128": [_set(A, FEW_ROWS_TALL=A.Config(block_m=64, block_n=128, num_warps=8, num_stages=3))],
     "attention_prefetch4": [_set(A, PREFETCH_BLOCKS=4)],
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
-    "no_down_norm_fusion": [_switch(G.FUSED_DOWN_NORM, "enabled", False)],
-    "vision_groups2": [_vision_groups(2)],
-    "vision_groups4": [_vision_groups(4)],
 }
 
 

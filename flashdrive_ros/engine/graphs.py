@@ -507,27 +507,6 @@ def _mlp(mlp: MLP, h: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
-# The down projection's split-K reduce, the residual add and the next RMSNorm as one kernel
-# (norm_kernels.add_partials_rms_norm) where the down GEMM runs a split-K skinny config: one launch fewer
-# per few-row layer (action expert 64 rows, verify 8, drafter). Bitwise the same as the two kernels.
-FUSED_DOWN_NORM = {"enabled": True}
-
-
-def _mlp_add_rms_norm(mlp: MLP, h: torch.Tensor, x: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + mlp(h), norm(x + mlp(h))): fused_add_rms_norm(x, _mlp(mlp, h), ...), with the down projection's
-    split-K reduce folded into the norm kernel where FUSED_DOWN_NORM and the kernels allow."""
-    d = getattr(mlp, "down_proj", None)
-    if FUSED_DOWN_NORM["enabled"] and hasattr(mlp, "gate_up_weight") and isinstance(d, nn.Linear):
-        g = gate_up_swiglu(h, mlp.gate_up_weight)
-        lk, nk = _skinny_kernels(g), _norm_kernels(x, norm.weight, x)
-        if lk is not None and nk is not None and _shipped(g, d.weight, d.bias, swiglu=False):
-            parts = lk.skinny_linear_partials(g, d.weight, d.bias)
-            if parts is not None and nk.partials_supported(x, parts, d.bias, norm.weight):
-                return nk.add_partials_rms_norm(x, parts, d.bias, norm.weight, norm.eps)
-        return fused_add_rms_norm(x, linear(g, d.weight, d.bias), norm.weight, norm.eps)
-    return fused_add_rms_norm(x, _mlp(mlp, h), norm.weight, norm.eps)
-
-
 def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, capture_layers=(),
                    deepstack=None, vis_idx=None):
     """Pre-norm decoder layers with the residual adds fused into the following norm.
@@ -546,16 +525,17 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
         a = _out_proj(attn, attend(i, attn, q, k, v))
         pn = layer.post_attention_layernorm
         x, h2 = fused_add_rms_norm(x, a, pn.weight, pn.eps)
+        m = _mlp(layer.mlp, h2)
         nxt = layers[i + 1].input_layernorm if i + 1 < n else final_norm
         if i in capture_layers or (deepstack is not None and i < len(deepstack)):
-            x = x + _mlp(layer.mlp, h2)
+            x = x + m
             if i in capture_layers:
                 captured[i] = x
             if deepstack is not None and i < len(deepstack):
                 x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(x.shape[0], -1, -1))
             h = fused_rms_norm(x, nxt.weight, nxt.eps)
         else:
-            x, h = _mlp_add_rms_norm(layer.mlp, h2, x, nxt)
+            x, h = fused_add_rms_norm(x, m, nxt.weight, nxt.eps)
     return h, captured
 
 
@@ -911,7 +891,7 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
 #   close to float32 as the two-kernel path).
 # - attention (head dim 72): slot_attention with padded head lanes is correct but off: the masked lanes
 #   defeat vectorised loads (H200: 139 us per layer against cuDNN's 41.7); cuDNN stays the default.
-VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True, "groups": 1}
+VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True}
 
 
 def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
@@ -940,56 +920,7 @@ def _vision_mlp(tower, mlp, h: torch.Tensor) -> torch.Tensor:
 def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Qwen3VLVisionModel.forward for equal-size images without host syncs: patch embedding as a
     matmul, attention batched per image [n_img, heads, L, d]. Returns (merged embeds [n_tok, out],
-    deepstack features).
-
-    VISION_FAST["groups"] = g > 1 (and g divides the image count): the images go through the tower in g
-    groups, each its own chain of kernels; while a CUDA graph is captured the groups run on g streams, so
-    one group's GEMMs fill the SMs another's wave tails, attention and LayerNorms leave idle. Every op is
-    per image or per row, so the result is that of one batch up to the GEMMs' algorithm choice for the
-    smaller row count."""
-    groups = VISION_FAST["groups"]
-    if groups > 1 and st.n_images % groups == 0 and st.n_images > 1:
-        return _vision_forward_groups(tower, pixel_values, st, groups)
-    return _vision_forward_batch(tower, pixel_values, st)
-
-
-def _group_static(st: VisionStatic, first: int, count: int) -> VisionStatic:
-    """st restricted to images [first, first + count) (the per-patch tables are sliced by rows)."""
-    rows = slice(first * st.patches_per_image, (first + count) * st.patches_per_image)
-    return VisionStatic(st.interp_indices, st.interp_weights, st.cos[rows], st.sin[rows], count,
-                        st.patches_per_image, st.key_limit, st.pos[rows], st.pos_version)
-
-
-_VISION_STREAMS: dict = {}
-
-
-def _vision_forward_groups(tower, pixel_values: torch.Tensor, st: VisionStatic, groups: int):
-    per = st.n_images // groups
-    rows = per * st.patches_per_image
-    parts = [(pixel_values[g * rows:(g + 1) * rows], _group_static(st, g * per, per)) for g in range(groups)]
-    if pixel_values.is_cuda and (pixel_values.device, groups) not in _VISION_STREAMS:  # before any capture
-        _VISION_STREAMS[pixel_values.device, groups] = [torch.cuda.Stream(pixel_values.device)
-                                                        for _ in range(groups - 1)]
-    if not (pixel_values.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # eager (and a graph's warm-up): the same per-group kernels, one after the other
-        outs = [_vision_forward_batch(tower, pix, gst) for pix, gst in parts]
-    else:
-        main = torch.cuda.current_stream(pixel_values.device)
-        side = _VISION_STREAMS[pixel_values.device, groups]
-        for s in side:
-            s.wait_stream(main)
-        outs = [None] * groups
-        for g, s in reversed(list(enumerate([main] + side))):  # side groups enqueued first
-            with torch.cuda.stream(s):
-                outs[g] = _vision_forward_batch(tower, *parts[g])
-        for s in side:
-            main.wait_stream(s)
-    emb = torch.cat([o[0] for o in outs])
-    deep = [torch.cat([o[1][j] for o in outs]) for j in range(len(outs[0][1]))]
-    return emb, deep
-
-
-def _vision_forward_batch(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    deepstack features)."""
     w_pe, b_pe = patch_embed_as_linear(tower)
     x = F.linear(pixel_values.to(w_pe.dtype), w_pe, b_pe)
     if tower.pos_embed.weight._version != st.pos_version:

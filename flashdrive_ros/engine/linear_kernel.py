@@ -663,23 +663,7 @@ def _desc(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, cols])
 
 
-def skinny_linear_partials(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The fp32 split-K partials [S, M, N] of skinny_linear(x, w, bias) with the shape's tuned config, without
-    their reduce (and without the bias, which the reduce adds): for a consumer that reduces them itself
-    (norm_kernels.add_partials_rms_norm). None where skinny_linear would not run a split-K grid (untuned
-    shape, one split, a balanced config, an unsupported call): the caller then takes skinny_linear / F.linear."""
-    if not _supported(x, w, bias):
-        return None
-    x2 = _rows(x)
-    c = _cached_config(x2, w, bias, False, tune=False)
-    if c is None or c.balanced or _cdiv(x2.shape[1], _chunk(c, x2.shape[1])) < 2:
-        return None
-    return _launch(x2, w, bias, c, reduce=False)
-
-
-def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config,
-            reduce: bool = True) -> torch.Tensor:
-    """skinny_linear's launch: y [M, N]; reduce=False (split-K configs): the partials [S, M, N] instead."""
+def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Config) -> torch.Tensor:
     if c.balanced:
         return _launch_balanced(x2, w, bias, c)
     m, k = x2.shape
@@ -699,8 +683,6 @@ def _launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: Con
         EVEN_N=n % c.block_n == 0, EVEN_K=k % c.block_k == 0, UPCAST=upcast,
         PRECISION="ieee" if x2.dtype == torch.float32 or upcast else "tf32", TMA=tma,
         num_warps=c.num_warps, num_stages=c.num_stages, **_gemm_pdl_options(x2, c.block_k))
-    if split and not reduce:
-        return p
     if split:
         block = 1024
         _reduce_splits[(_cdiv(m * n, block),)](p, b, y, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,

@@ -3,7 +3,6 @@
     h = rms_norm(x, w, eps)                    # graphs._rms(x, w, eps)
     y, h = add_rms_norm(x, a, w, eps)          # y = x + a, h = graphs._rms(y, w, eps)
     y, h = add_layer_norm(x, a, w, b, eps)     # y = x + a, h = F.layer_norm(y, (H,), w, b, eps)
-    y, h = add_partials_rms_norm(x, p, b, w, eps)  # add_rms_norm with a = reduce of split-K partials p (+ b)
 
 Why: every decoder layer of graphs._decoder_stack runs an add + RMSNorm after attention and after the
 MLP. With few rows (LM verify 8, decode 1, drafter 8, action expert 64; ~600 layer passes per step
@@ -109,15 +108,13 @@ if _HAVE_TRITON:
     from .cache_kernels import _round  # exact rounding to a dtype, also under the interpreter
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, x_row, a_row, eps, bias_ptr, split_stride,
+    def _rms_norm_kernel(x_ptr, a_ptr, w_ptr, sum_ptr, out_ptr, x_row, a_row, eps,
                          H: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, DT: tl.constexpr,
-                         SPLITS: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False):
         """Program `row`: out[row] = w * rmsnorm(v) with v = x[row] (+ a[row], stored to sum[row], when
         ADD), every step rounded like graphs._rms (see the module docstring). Padded lanes load 0 and add
         nothing to the sum of squares. sum / out are contiguous [rows, H]; x / a rows are x_row / a_row
-        elements apart. SPLITS > 0: a_ptr holds a split-K GEMM's fp32 partials [SPLITS, rows, H]
-        (split_stride elements apart) and a[row] is their sum in split order (+ bias), rounded to DT once:
-        what linear_kernel._reduce_splits would have stored, without its launch."""
+        elements apart."""
         if USE_PDL:  # x and a come from the kernel launched just before
             gdc_wait()
         row = tl.program_id(0).to(tl.int64)
@@ -125,14 +122,7 @@ if _HAVE_TRITON:
         inside = cols < H
         v = tl.load(x_ptr + row * x_row + cols, mask=inside, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        if SPLITS > 0:
-            a = tl.load(a_ptr + row * H + cols, mask=inside, other=0.0)
-            for s in tl.static_range(1, SPLITS):
-                a += tl.load(a_ptr + s * split_stride + row * H + cols, mask=inside, other=0.0)
-            if HAS_BIAS:
-                a += tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            a = _round(a, DT)
-        elif ADD:
+        if ADD:
             a = tl.load(a_ptr + row * a_row + cols, mask=inside, other=0.0).to(tl.float32)
         if USE_PDL:  # our inputs are read: the next kernel may launch (it waits for our stores in turn)
             gdc_launch_dependents()
@@ -200,7 +190,7 @@ def _launch(x: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: float
         block = _next_pow2(h)
         with _device_guard(x):
             _rms_norm_kernel[(n_rows,)](
-                xr, ar, w.contiguous(), total, out, xr.stride(0), ar.stride(0), float(eps), w, 0,
+                xr, ar, w.contiguous(), total, out, xr.stride(0), ar.stride(0), float(eps),
                 H=h, BLOCK=block, ADD=a is not None, DT=_TL_DTYPE[x.dtype], **_options(x, block))
     return total, out
 
@@ -218,50 +208,6 @@ def add_rms_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
     if not (available(x) and supported(x, w, a)):
         return add_rms_norm_reference(x, a, w, eps)
     return _launch(x, a, w, eps)
-
-
-def partials_supported(x: torch.Tensor, partials: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor) -> bool:
-    """supported() for add_partials_rms_norm: partials a contiguous fp32 [S >= 1, rows of x, H], bias [H] in
-    x's dtype (or None)."""
-    return (supported(x, w) and partials.dtype == torch.float32 and partials.is_contiguous()
-            and partials.dim() == 3 and partials.shape[0] >= 1
-            and tuple(partials.shape[1:]) == (x.numel() // x.shape[-1], x.shape[-1])
-            and (bias is None or (bias.dtype == x.dtype and bias.shape == w.shape)))
-
-
-def add_partials_rms_norm_reference(x: torch.Tensor, partials: torch.Tensor, bias: torch.Tensor | None,
-                                    w: torch.Tensor, eps: float):
-    """The split-K GEMM's reduce (partials summed in split order, + bias, rounded to x's dtype) followed by
-    add_rms_norm_reference."""
-    acc = partials[0].clone()
-    for s in range(1, partials.shape[0]):
-        acc += partials[s]
-    if bias is not None:
-        acc += bias.float()
-    return add_rms_norm_reference(x, acc.to(x.dtype).reshape(x.shape), w, eps)
-
-
-def add_partials_rms_norm(x: torch.Tensor, partials: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
-                          eps: float):
-    """add_rms_norm(x, a, w, eps) where a = the split-K GEMM output whose fp32 partials [S, rows, H] are given
-    (linear_kernel.skinny_linear_partials), reduced inside this kernel: one launch for the reduce, the
-    residual add and the next norm (the down projection's reduce + add + RMSNorm of every few-row layer).
-    Bitwise what _reduce_splits + add_rms_norm compute."""
-    if not (available(x) and partials_supported(x, partials, bias, w)):
-        return add_partials_rms_norm_reference(x, partials, bias, w, eps)
-    xr = _as_rows(x)
-    h = x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if xr.shape[0]:
-        block = _next_pow2(h)
-        with _device_guard(x):
-            _rms_norm_kernel[(xr.shape[0],)](
-                xr, partials, w.contiguous(), total, out, xr.stride(0), h, float(eps),
-                bias if bias is not None else w, partials.stride(0),
-                H=h, BLOCK=block, ADD=True, DT=_TL_DTYPE[x.dtype], SPLITS=partials.shape[0],
-                HAS_BIAS=bias is not None, **_options(x, block))
-    return total, out
 
 
 def add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
@@ -282,6 +228,5 @@ def add_layer_norm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.T
     return total, out
 
 
-__all__ = ["available", "supported", "layer_norm_supported", "partials_supported", "rms_norm", "add_rms_norm",
-           "add_partials_rms_norm", "add_layer_norm", "rms_norm_reference", "add_rms_norm_reference",
-           "add_partials_rms_norm_reference", "add_layer_norm_reference"]
+__all__ = ["available", "supported", "layer_norm_supported", "rms_norm", "add_rms_norm", "add_layer_norm",
+           "rms_norm_reference", "add_rms_norm_reference", "add_layer_norm_reference"]
