@@ -39,6 +39,7 @@ STAGES = ("encode", "prefill", "decode", "action", "total")
 # again, so a route its switches turn on or off shows up here; replays do not call Python).
 COUNTED = (("norm_kernels", "add_rms_norm"), ("linear_kernel", "skinny_linear"), ("linear_kernel", "skinny_swiglu"))
 CALLS: dict = {}
+ACTION_TOKENS = G.action_tokens
 
 
 def _count_calls() -> None:
@@ -176,6 +177,8 @@ VARIANTS = {
     "action_attention_bn128": [_set(A, FEW_ROWS_TALL=A.Config(block_m=64, block_n=128, num_warps=8, num_stages=3))],
     "attention_prefetch4": [_set(A, PREFETCH_BLOCKS=4)],
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
+    "no_cublaslt": [_switch(G._LT, "use", {})],
+    "action_in_proj_eager": [_set(G, action_tokens=lambda in_proj, x, t: in_proj(x, t))],
 }
 
 
@@ -201,6 +204,7 @@ def main() -> None:
     clock = Clock(device)
     if cuda:  # the shipped records' choices, loaded now so that every variant starts from them
         G._load_shipped_tuning(LK, device)
+        G._load_lt_records(device)
     shipped_use = set(G._SHIPPED["use"])
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "shape": args.shape,
            "mode": MODE.label(), "steps_per_round": args.steps, "variants": {}}
@@ -209,6 +213,7 @@ def main() -> None:
     defaults = {(m, a): getattr(m, a) for m, a in SWITCHES}
     for rnd in range(args.rounds):
         for name in names:
+            G.action_tokens = ACTION_TOKENS
             for (m, a), v in defaults.items():
                 setattr(m, a, v)
             while RESTORE:

@@ -150,10 +150,11 @@ def run(shape_name: str, steps: int, warmup: int, device: torch.device, dtype: t
             return row
 
         guarded(name, our_row)
-    from ..engine.graphs import attention_choices, linear_choices
+    from ..engine.graphs import attention_choices, linear_choices, lt_choices
 
     result["attention_choices"] = attention_choices()
     result["linear_choices"] = linear_choices()
+    result["cublaslt_choices"] = lt_choices()
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
@@ -204,6 +205,9 @@ def to_markdown(res: dict) -> str:
         lines.append("Few-row GEMM shapes on the Triton skinny GEMM (shipped tuning records for this GPU, "
                      "engine/tuned/; all others cuBLAS): " +
                      "; ".join(f"{k}: {v}" for k, v in res["linear_choices"].items()) + ".")
+    if res.get("cublaslt_choices"):
+        lines.append("GEMM shapes on a cuBLASLt algorithm other than F.linear's (shipped records, "
+                     "engine/tuned/cublaslt_*.json): " + "; ".join(res["cublaslt_choices"]) + ".")
     if "peak_memory_gib" in res:
         lines.append(f"Peak GPU memory {res['peak_memory_gib']} GiB; wall time {res['wall_s']} s.")
     meas = roofline.measured_from_bench(res)

@@ -448,10 +448,11 @@ class OursPipeline:
             def fn(noise, n_ctx):
                 act_slots = n_ctx + ar  # right after the context: every action row sees keys < n_ctx + T
                 limit = n_ctx + self.n_act
+                rope = G.action_rope(cache, act_slots, self.dtype)  # once for all flow evaluations
 
                 def velocity(x, t):
-                    h = G.expert_forward(m.expert, m.action_in_proj(x, t), cache, act_slots, None, n,
-                                         key_limit=limit)
+                    h = G.expert_forward(m.expert, G.action_tokens(m.action_in_proj, x, t), cache, act_slots, None,
+                                         n, key_limit=limit, rope=rope)
                     return m.action_velocity(h)
 
                 return sample(velocity, noise, sched)

@@ -117,7 +117,7 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, schedule: FlowSchedule,
                 raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
             computed[i] = v
         v = computed[src]
-        x = x + dt * v
+        x = torch.add(x, v, alpha=dt)  # x + dt * v as one kernel
         if return_velocities:
             used.append(v)
     return (x, used) if return_velocities else x

@@ -247,10 +247,11 @@ class GraphedStages:
                 # batch-K cache: the action slots follow the context, so rows see keys < n_ctx + T
                 mask = G.action_mask(n_ctx, act_slots, n, engine.dtype, shared_batch=True) if shared else None
                 limit = None if shared else n_ctx + t_len
+                rope = G.action_rope(cache, act_slots, engine.dtype)  # once for all flow evaluations
 
                 def velocity(x, t):
-                    h = G.expert_forward(model.expert, model.action_in_proj(x, t), cache, act_slots, mask, n,
-                                         key_limit=limit)
+                    h = G.expert_forward(model.expert, G.action_tokens(model.action_in_proj, x, t), cache, act_slots,
+                                         mask, n, key_limit=limit, rope=rope)
                     return model.action_velocity(h)
 
                 return flow_sample(velocity, noise, schedule)

@@ -433,6 +433,80 @@ def _load_shipped_tuning(lk, device: torch.device) -> None:
             _SHIPPED["use"].add(lk.record_key(r))
 
 
+# cuBLASLt algorithm records (engine/cublaslt.py): for GEMM shapes where another algorithm of cuBLASLt's
+# heuristic list beat the one F.linear runs (scripts/gpu_cublaslt_check.py times them in CUDA graphs and
+# writes engine/tuned/cublaslt_<gpu>.json), that algorithm runs instead. H100 (session 6): the vision
+# tower's proj 16.1 against 18.7 us, fc1 + GELU 49.4 against 51.9, patch embedding 19.5 against 22.0, the
+# expert's q|k|v 9.3 against 9.9. A record runs only with the cuBLASLt version it was timed with, if
+# cublasLtMatmulAlgoCheck accepts it, and if it beat F.linear by LT_MARGIN.
+LT_MARGIN = 0.98
+_LT: dict = {"loaded": set(), "use": {}}
+
+
+def tuned_cublaslt_file(gpu_name: str) -> Path:
+    return tuned_linear_file(gpu_name).with_name(tuned_linear_file(gpu_name).name.replace("linear_", "cublaslt_", 1))
+
+
+def _load_lt_records(device: torch.device) -> None:
+    """The shipped cuBLASLt records of this GPU model that run here (see LT_MARGIN), once per device."""
+    if device in _LT["loaded"]:
+        return
+    _LT["loaded"].add(device)
+    path = tuned_cublaslt_file(torch.cuda.get_device_name(device))
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    try:
+        from . import cublaslt
+
+        version = cublaslt.version()
+    except Exception as e:  # no usable libcublasLt: F.linear everywhere
+        import warnings
+
+        warnings.warn(f"cuBLASLt records not used: {e}")
+        return
+    if data.get("lt_version") != version:
+        import warnings
+
+        warnings.warn(f"{path.name} was timed with cuBLASLt {data.get('lt_version')}, this is {version}: not used")
+        return
+    for r in data["records"]:
+        if not r["lt_us"] <= LT_MARGIN * r["torch_us"]:
+            continue
+        plan = cublaslt.Plan(r["m"], r["n"], r["k"], r["epilogue"], getattr(torch, r["dtype"]), device.index)
+        if plan.supports(r["algo"]):
+            _LT["use"][(device.index, r["dtype"], r["m"], r["n"], r["k"], r["epilogue"])] = (plan, r["algo"])
+
+
+def lt_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: str) -> torch.Tensor | None:
+    """epilogue(x @ w^T (+ b)) through a cuBLASLt record for this shape (epilogue "none", "bias" or
+    "gelu_bias"), or None where no record applies (the caller runs its torch op)."""
+    if not x.is_cuda or x.dim() < 1 or x.shape[-1] != w.shape[-1]:
+        return None
+    _load_lt_records(x.device)
+    m = x.numel() // x.shape[-1]
+    hit = _LT["use"].get((x.device.index, str(x.dtype)[6:], m, w.shape[0], w.shape[1], epilogue))
+    if hit is None:
+        return None
+    x2 = x.reshape(m, x.shape[-1])
+    operands = (x2, w) if b is None else (x2, w, b)
+    if any(not t.is_contiguous() or t.dtype != x.dtype or t.data_ptr() % 16 for t in operands):
+        return None
+    plan, algo = hit
+    return plan(x2, w, b, algo).reshape(*x.shape[:-1], w.shape[0])
+
+
+def lt_choices() -> dict[str, str]:
+    """The GEMM shapes that run a cuBLASLt record (for the benchmark report)."""
+    return {f"M{k[2]} N{k[3]} K{k[4]} {k[5]}": "cublaslt" for k in sorted(_LT["use"])}
+
+
+def _dense(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x), through a cuBLASLt record where one applies."""
+    y = lt_linear(x, lin.weight, lin.bias, "none" if lin.bias is None else "bias")
+    return lin(x) if y is None else y
+
+
 def linear_choices() -> dict[str, str]:
     """The GEMM shapes that run the Triton skinny GEMM (for the benchmark report); "triton+swiglu": the
     gate|up GEMM of that shape with the SwiGLU in its epilogue."""
@@ -463,7 +537,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     lk = _skinny_kernels(x)
     if lk is not None and _shipped(x, w, b, swiglu=False):
         return lk.skinny_linear(x, w, b, tune=False)
-    return F.linear(x, w, b)
+    y = lt_linear(x, w, b, "none" if b is None else "bias") if x.is_cuda else None
+    return F.linear(x, w, b) if y is None else y
 
 
 def gate_up_swiglu(h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
@@ -769,17 +844,36 @@ def lm_forward(lm, x: torch.Tensor, cache, slots: torch.Tensor, mask: torch.Tens
     return _decoder_stack(lm.layers, lm.norm, x, attend, capture_layers, deepstack, vis_idx)
 
 
+@_fused
+def _action_tokens(x: torch.Tensor, t: torch.Tensor, in_proj: nn.Module) -> torch.Tensor:
+    return in_proj(x, t)
+
+
+def action_tokens(in_proj: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """in_proj(x, t) (action_proj.ActionInProj: Fourier features, MLP trunk, LayerNorm), torch.compile'd on
+    CUDA: ~30 small kernels of every flow evaluation become a few (the trunk's GEMMs stay cuBLAS)."""
+    return _action_tokens(x, t, in_proj)
+
+
+def action_rope(cache, act_slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin of the action slots in `dtype`: what expert_forward gathers; the same for every flow
+    evaluation of a step, so the action stage gathers them once and passes them as `rope`."""
+    return cache.cos[act_slots].to(dtype), cache.sin[act_slots].to(dtype)
+
+
 def expert_forward(expert, emb: torch.Tensor, cache, act_slots: torch.Tensor, mask: torch.Tensor | None,
-                   n: int, key_limit: torch.Tensor | None = None) -> torch.Tensor:
+                   n: int, key_limit: torch.Tensor | None = None,
+                   rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Expert.forward without host syncs and without concatenating keys: the T action tokens write
     their K/V into the cache's reserved action slots `act_slots` (positions there = slot position of
     n_ctx + arange(T), equal on all axes: the contract's action positions) and attend over key slots
     [0, n) with `mask` hiding everything that is neither context (< n_ctx) nor an action slot.
     emb [K, T, He]; cache batch 1 or K. Slots >= n_ctx are scratch: the LM masks them by valid length.
     key_limit (optional, 0-d or [T]): with act_slots = n_ctx + arange(T), n_ctx + T; the Triton
-    kernels then run where they can (not for K samples over a shared batch-1 cache)."""
+    kernels then run where they can (not for K samples over a shared batch-1 cache).
+    rope: action_rope(cache, act_slots, emb.dtype), when the caller has it already."""
     k_samples = emb.shape[0]
-    cos, sin = cache.cos[act_slots].to(emb.dtype), cache.sin[act_slots].to(emb.dtype)
+    cos, sin = rope if rope is not None and rope[0].dtype == emb.dtype else action_rope(cache, act_slots, emb.dtype)
     a0 = expert.layers[0].self_attn
     use_kernels = key_limit is not None and cache.batch == k_samples and kernels_usable(emb)
     if key_limit is not None and not use_kernels and mask is None:
@@ -913,7 +1007,10 @@ def _vision_mlp(tower, mlp, h: torch.Tensor) -> torch.Tensor:
     fc1 = mlp.linear_fc1
     if (VISION_FAST["gelu_epilogue"] and h.is_cuda and h.dim() == 2 and fc1.bias is not None
             and getattr(tower.config, "hidden_act", None) == "gelu_pytorch_tanh"):
-        return mlp.linear_fc2(torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True))
+        g = lt_linear(h, fc1.weight, fc1.bias, "gelu_bias")
+        if g is None:
+            g = torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
+        return _dense(mlp.linear_fc2, g)
     return mlp(h)
 
 
@@ -922,7 +1019,9 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
     matmul, attention batched per image [n_img, heads, L, d]. Returns (merged embeds [n_tok, out],
     deepstack features)."""
     w_pe, b_pe = patch_embed_as_linear(tower)
-    x = F.linear(pixel_values.to(w_pe.dtype), w_pe, b_pe)
+    pix = pixel_values.to(w_pe.dtype)
+    x = lt_linear(pix, w_pe, b_pe, "none" if b_pe is None else "bias") if pix.is_cuda else None
+    x = F.linear(pix, w_pe, b_pe) if x is None else x
     if tower.pos_embed.weight._version != st.pos_version:
         raise RuntimeError("the vision pos_embed weights changed after vision_static(): build it again")
     x = x + st.pos.to(x.dtype)
@@ -934,12 +1033,12 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
     h = blocks[0].norm1(x)
     for li, blk in enumerate(blocks):
         a = blk.attn
-        qkv = a.qkv(h).reshape(n_tok, 3, a.num_heads, -1)
+        qkv = _dense(a.qkv, h).reshape(n_tok, 3, a.num_heads, -1)
         q, k, v = qkv.unbind(1)
         q, k = fused_vision_rotary(q, k, cos, sin)  # float32 rotary, as transformers does
         o = _vision_attention(a, q, k, v, st, n_tok)
         # residual adds fused into the LayerNorm that follows them (one kernel instead of two)
-        x, h2 = fused_add_layer_norm(x, a.proj(o), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        x, h2 = fused_add_layer_norm(x, _dense(a.proj, o), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
         m = _vision_mlp(tower, blk.mlp, h2)
         if li + 1 < len(blocks):
             nxt = blocks[li + 1].norm1
@@ -1019,6 +1118,6 @@ __all__ = [
     "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "drafter_forward", "linear", "gate_up_swiglu", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "drafter_forward", "action_tokens", "action_rope", "linear", "lt_linear", "lt_choices", "gate_up_swiglu", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
     "set_fused_layers", "FUSED_LAYER_ROWS",
 ]
