@@ -178,7 +178,6 @@ VARIANTS = {
     "attention_prefetch4": [_set(A, PREFETCH_BLOCKS=4)],
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
     "no_cublaslt": [_switch(G._LT, "use", {})],
-    "no_residual_epilogue": [_switch(G.RESIDUAL_EPILOGUE, "enabled", False)],
     "action_in_proj_eager": [_set(G, action_tokens=lambda in_proj, x, t: in_proj(x, t))],
 }
 

@@ -161,9 +161,8 @@ class Plan:
         for layout, rows, cols in ((self._a, k, n), (self._b, k, m), (self._d, n, m)):
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), t, rows, cols, rows),
                    "cublasLtMatrixLayoutCreate")
-        self._alpha, self._beta, self._beta_one = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_float(1.0)
+        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
         self._algos: dict[str, _Algo] = {}
-        self._default: str | None = None
 
     def _set_desc(self, attr: int, value) -> None:
         _check(library().cublasLtMatmulDescSetAttribute(self._desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
@@ -195,15 +194,6 @@ class Plan:
                                  _config(r.algo, ALGO_CONFIG_SPLITK_NUM)))
         return out
 
-    def default_algo(self) -> str:
-        """The heuristic's first algorithm (what F.linear would most likely run), looked up once."""
-        if self._default is None:
-            found = self.candidates(1)
-            if not found:
-                raise CublasLtError(f"cuBLASLt offers no algorithm for {self.m} x {self.n} x {self.k} {self.epilogue}")
-            self._default = found[0].algo_hex
-        return self._default
-
     def supports(self, algo_hex: str) -> bool:
         """Whether cuBLASLt accepts this stored algorithm for this shape (same library version, valid config)."""
         algo = _algo_from_hex(algo_hex)
@@ -213,10 +203,9 @@ class Plan:
         return status == 0 and result.workspace_size <= WORKSPACE_BYTES
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, algo_hex: str,
-                 out: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """epilogue(x @ w^T + bias) (+ residual) with the given algorithm, on the current stream. x [m, k],
-        w [n, k] contiguous; bias [n] (epilogues bias / gelu_bias) or None; residual [m, n] or None: added in
-        the epilogue in fp32 (cuBLAS's beta = 1 with C = residual), so the sum is rounded once."""
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """epilogue(x @ w^T + bias) with the given algorithm, on the current stream. x [m, k], w [n, k]
+        contiguous; bias [n] (epilogues bias / gelu_bias) or None."""
         m, n, k = self.m, self.n, self.k
         if x.shape != (m, k) or w.shape != (n, k):
             raise ValueError(f"plan is for x [{m}, {k}] and w [{n}, {k}], got {tuple(x.shape)} and {tuple(w.shape)}")
@@ -224,11 +213,9 @@ class Plan:
             raise ValueError(f"epilogue {self.epilogue!r} {'takes no' if bias is not None else 'needs a'} bias")
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if residual is not None and residual.shape != (m, n):
-            raise ValueError(f"residual must be [{m}, {n}], got {tuple(residual.shape)}")
-        for t in (x, w, out) + tuple(t for t in (bias, residual) if t is not None):
+        for t in (x, w, out) + (() if bias is None else (bias,)):
             if not t.is_contiguous() or t.dtype != self.dtype or t.data_ptr() % ALIGNMENT:
-                raise ValueError("x, w, out (and bias, residual) must be contiguous, aligned and of the plan's dtype")
+                raise ValueError("x, w, out (and bias) must be contiguous, aligned and of the plan's dtype")
         algo = self._algos.get(algo_hex)
         if algo is None:
             algo = self._algos[algo_hex] = _algo_from_hex(algo_hex)
@@ -236,10 +223,9 @@ class Plan:
             self._set_desc(DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         ws = _workspace(self.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        c, beta = (out, self._beta) if residual is None else (residual, self._beta_one)
         _check(library().cublasLtMatmul(
             self._handle, self._desc, ctypes.byref(self._alpha), w.data_ptr(), self._a, x.data_ptr(), self._b,
-            ctypes.byref(beta), c.data_ptr(), self._d, out.data_ptr(), self._d, ctypes.byref(algo),
+            ctypes.byref(self._beta), out.data_ptr(), self._d, out.data_ptr(), self._d, ctypes.byref(algo),
             ws.data_ptr(), WORKSPACE_BYTES, stream), "cublasLtMatmul")
         return out
 

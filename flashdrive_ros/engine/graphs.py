@@ -496,56 +496,6 @@ def lt_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue
     return plan(x2, w, b, algo).reshape(*x.shape[:-1], w.shape[0])
 
 
-# Many-row passes (vision tower, prefill): the residual add of every block goes into the GEMM before it
-# (cuBLASLt's beta = 1 with C = the residual stream), so the norm that follows reads one tensor instead of
-# two and writes one instead of two. The sum is rounded once (fp32 GEMM output + residual), where the
-# separate add rounded the GEMM output first.
-RESIDUAL_EPILOGUE = {"enabled": True}
-_LT_DEFAULT_PLANS: dict = {}
-
-
-def _lt_plan(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, epilogue: str):
-    """(plan, algorithm) for this GEMM: the shipped record's algorithm, else cuBLASLt's first pick (what
-    F.linear runs). None where cuBLASLt cannot run it."""
-    _load_lt_records(device)
-    hit = _LT["use"].get((device.index, str(dtype)[6:], m, n, k, epilogue))
-    if hit is not None:
-        return hit
-    key = (device.index, dtype, m, n, k, epilogue)
-    if key not in _LT_DEFAULT_PLANS:
-        try:
-            from . import cublaslt
-
-            plan = cublaslt.Plan(m, n, k, epilogue, dtype, device.index)
-            _LT_DEFAULT_PLANS[key] = (plan, plan.default_algo())
-        except Exception as e:  # no usable cuBLASLt: the caller adds the residual itself
-            import warnings
-
-            warnings.warn(f"cuBLASLt residual epilogue unavailable for {m}x{n}x{k}: {e}")
-            _LT_DEFAULT_PLANS[key] = None
-    return _LT_DEFAULT_PLANS[key]
-
-
-def residual_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                    residual: torch.Tensor) -> torch.Tensor | None:
-    """residual + x @ w^T (+ b) with the add in the GEMM's epilogue, for CUDA passes of more than SKINNY_ROWS
-    rows (RESIDUAL_EPILOGUE); None where it does not apply (the caller adds)."""
-    if not (RESIDUAL_EPILOGUE["enabled"] and x.is_cuda) or x.shape[-1] != w.shape[-1]:
-        return None
-    m, n = x.numel() // x.shape[-1], w.shape[0]
-    if m <= SKINNY_ROWS or residual.numel() != m * n or residual.shape[-1] != n:
-        return None
-    x2, r2 = x.reshape(m, x.shape[-1]), residual.reshape(m, n)
-    operands = (x2, w, r2) if b is None else (x2, w, r2, b)
-    if any(not t.is_contiguous() or t.dtype != x.dtype or t.data_ptr() % 16 for t in operands):
-        return None
-    found = _lt_plan(x.device, x.dtype, m, n, w.shape[1], "none" if b is None else "bias")
-    if found is None:
-        return None
-    plan, algo = found
-    return plan(x2, w, b, algo, residual=r2).reshape(residual.shape)
-
-
 def lt_choices() -> dict[str, str]:
     """The GEMM shapes that run a cuBLASLt record (for the benchmark report)."""
     return {f"M{k[2]} N{k[3]} K{k[4]} {k[5]}": "cublaslt" for k in sorted(_LT["use"])}
@@ -647,48 +597,21 @@ def _decoder_stack(layers, final_norm, x: torch.Tensor, attend: Callable, captur
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         q, k, v = _qkv(attn, h)
+        a = _out_proj(attn, attend(i, attn, q, k, v))
         pn = layer.post_attention_layernorm
-        x, h2 = _add_rms_norm(x, *_out_proj_residual(attn, attend(i, attn, q, k, v), x), pn)
-        m, added = _mlp_residual(layer.mlp, h2, x)
+        x, h2 = fused_add_rms_norm(x, a, pn.weight, pn.eps)
+        m = _mlp(layer.mlp, h2)
         nxt = layers[i + 1].input_layernorm if i + 1 < n else final_norm
         if i in capture_layers or (deepstack is not None and i < len(deepstack)):
-            x = m if added else x + m
+            x = x + m
             if i in capture_layers:
                 captured[i] = x
             if deepstack is not None and i < len(deepstack):
                 x = x.index_add(1, vis_idx, deepstack[i].to(x.dtype)[None].expand(x.shape[0], -1, -1))
             h = fused_rms_norm(x, nxt.weight, nxt.eps)
         else:
-            x, h = _add_rms_norm(x, m, added, nxt)
+            x, h = fused_add_rms_norm(x, m, nxt.weight, nxt.eps)
     return h, captured
-
-
-def _out_proj_residual(attn: Attention, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x + o_proj(out), True) with the add in the GEMM epilogue where residual_linear runs, else
-    (o_proj(out), False)."""
-    b, _, n, _ = out.shape
-    o = attn.o_proj
-    flat = out.transpose(1, 2).reshape(b, n, attn.n_heads * attn.head_dim)
-    y = residual_linear(flat, o.weight, o.bias, x) if flat.is_cuda else None
-    return (y, True) if y is not None else (linear(flat, o.weight, o.bias), False)
-
-
-def _mlp_residual(mlp: MLP, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x + mlp(h), True) with the add in the down projection's epilogue where residual_linear runs, else
-    (mlp(h), False)."""
-    if hasattr(mlp, "gate_up_weight") and h.is_cuda:
-        d = mlp.down_proj
-        g = gate_up_swiglu(h, mlp.gate_up_weight)
-        y = residual_linear(g, d.weight, d.bias, x)
-        return (y, True) if y is not None else (linear(g, d.weight, d.bias), False)
-    return _mlp(mlp, h), False
-
-
-def _add_rms_norm(x: torch.Tensor, a: torch.Tensor, added: bool, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + a, RMSNorm of it); added: a already is that sum (residual_linear), only the norm is left."""
-    if added:
-        return a, fused_rms_norm(a, norm.weight, norm.eps)
-    return fused_add_rms_norm(x, a, norm.weight, norm.eps)
 
 
 # --------------------------------------------------------------------------- fused few-row layers
@@ -1080,25 +1003,15 @@ def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
     return o.transpose(1, 2).reshape(n_tok, -1)
 
 
-def _vision_mlp(tower, mlp, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x + mlp(h), True) with the add in fc2's epilogue where residual_linear runs, else (mlp(h), False)."""
+def _vision_mlp(tower, mlp, h: torch.Tensor) -> torch.Tensor:
     fc1 = mlp.linear_fc1
     if (VISION_FAST["gelu_epilogue"] and h.is_cuda and h.dim() == 2 and fc1.bias is not None
             and getattr(tower.config, "hidden_act", None) == "gelu_pytorch_tanh"):
         g = lt_linear(h, fc1.weight, fc1.bias, "gelu_bias")
         if g is None:
             g = torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
-        fc2 = mlp.linear_fc2
-        y = residual_linear(g, fc2.weight, fc2.bias, x)
-        return (y, True) if y is not None else (_dense(fc2, g), False)
-    return mlp(h), False
-
-
-def _add_layer_norm(x: torch.Tensor, a: torch.Tensor, added: bool, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + a, LayerNorm of it); added: a already is that sum (residual_linear), only the norm is left."""
-    if added:
-        return a, F.layer_norm(a, (a.shape[-1],), norm.weight, norm.bias, norm.eps)
-    return fused_add_layer_norm(x, a, norm.weight, norm.bias, norm.eps)
+        return _dense(mlp.linear_fc2, g)
+    return mlp(h)
 
 
 def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -1124,14 +1037,14 @@ def vision_forward(tower, pixel_values: torch.Tensor, st: VisionStatic) -> tuple
         q, k, v = qkv.unbind(1)
         q, k = fused_vision_rotary(q, k, cos, sin)  # float32 rotary, as transformers does
         o = _vision_attention(a, q, k, v, st, n_tok)
-        # residual adds in the GEMM epilogues (residual_linear) or fused into the LayerNorm that follows them
-        y = residual_linear(o, a.proj.weight, a.proj.bias, x)
-        x, h2 = _add_layer_norm(x, _dense(a.proj, o) if y is None else y, y is not None, blk.norm2)
-        m, added = _vision_mlp(tower, blk.mlp, h2, x)
+        # residual adds fused into the LayerNorm that follows them (one kernel instead of two)
+        x, h2 = fused_add_layer_norm(x, _dense(a.proj, o), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        m = _vision_mlp(tower, blk.mlp, h2)
         if li + 1 < len(blocks):
-            x, h = _add_layer_norm(x, m, added, blocks[li + 1].norm1)
+            nxt = blocks[li + 1].norm1
+            x, h = fused_add_layer_norm(x, m, nxt.weight, nxt.bias, nxt.eps)
         else:
-            x = m if added else x + m
+            x = x + m
         if li in ds_index:
             deep.append(tower.deepstack_merger_list[ds_index.index(li)](x))
     return tower.merger(x), deep
@@ -1205,6 +1118,6 @@ __all__ = [
     "FusedAttention", "FusedMLP", "PaddedHead", "pad_output_head", "fuse_projections", "patch_embed_as_linear", "gqa_attention",
     "cache_write", "cache_shift", "causal_slot_mask", "lm_forward", "expert_forward", "action_mask",
     "VisionStatic", "vision_static", "vision_forward", "greedy_token", "StageGraph", "fold_mask",
-    "drafter_forward", "action_tokens", "action_rope", "linear", "lt_linear", "lt_choices", "residual_linear", "gate_up_swiglu", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
+    "drafter_forward", "action_tokens", "action_rope", "linear", "lt_linear", "lt_choices", "gate_up_swiglu", "linear_choices", "set_compile", "set_kernels", "kernels_usable", "limit_mask", "attention_choices", "force_attention", "fused_rms_norm", "fused_add_rms_norm", "fused_qk_prep", "fused_swiglu",
     "set_fused_layers", "FUSED_LAYER_ROWS",
 ]
