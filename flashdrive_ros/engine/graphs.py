@@ -398,9 +398,23 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _SHIPPED: dict = {"loaded": set(), "use": set()}
 
 
-def tuned_linear_file(gpu_name: str) -> Path:
+def _tuned_file(kind: str, gpu_name: str) -> Path:
     slug = "".join(c if c.isalnum() else "_" for c in gpu_name.lower()).strip("_")
-    return TUNED_DIR / f"linear_{slug}.json"
+    return TUNED_DIR / f"{kind}_{slug}.json"
+
+
+def tuned_linear_file(gpu_name: str) -> Path:
+    return _tuned_file("linear", gpu_name)
+
+
+def _shipped_file_once(table: dict, device: torch.device, file_for: Callable[[str], Path]) -> dict | None:
+    """The shipped records file of this GPU model (JSON), the first time `device` asks for this table; else
+    None (asked before, or no file for this GPU)."""
+    if device in table["loaded"]:
+        return None
+    table["loaded"].add(device)
+    path = file_for(torch.cuda.get_device_name(device))
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _record_wins(r: dict, margin: float = SHIPPED_MARGIN) -> bool:
@@ -419,14 +433,11 @@ def _shipping_margin(device: torch.device) -> float:
 
 
 def _load_shipped_tuning(lk, device: torch.device) -> None:
-    if device in _SHIPPED["loaded"]:
-        return
-    _SHIPPED["loaded"].add(device)
-    path = tuned_linear_file(torch.cuda.get_device_name(device))
-    if not path.exists():
+    data = _shipped_file_once(_SHIPPED, device, tuned_linear_file)
+    if data is None:
         return
     margin = _shipping_margin(device)
-    for r in json.loads(path.read_text())["records"]:
+    for r in data["records"]:
         r = dict(r, device=device.index if device.index is not None else torch.cuda.current_device())
         lk.load_tuned([r])
         if _record_wins(r, margin):
@@ -444,31 +455,26 @@ _LT: dict = {"loaded": set(), "use": {}}
 
 
 def tuned_cublaslt_file(gpu_name: str) -> Path:
-    return tuned_linear_file(gpu_name).with_name(tuned_linear_file(gpu_name).name.replace("linear_", "cublaslt_", 1))
+    return _tuned_file("cublaslt", gpu_name)
 
 
 def _load_lt_records(device: torch.device) -> None:
     """The shipped cuBLASLt records of this GPU model that run here (see LT_MARGIN), once per device."""
-    if device in _LT["loaded"]:
+    import warnings
+
+    data = _shipped_file_once(_LT, device, tuned_cublaslt_file)
+    if data is None:
         return
-    _LT["loaded"].add(device)
-    path = tuned_cublaslt_file(torch.cuda.get_device_name(device))
-    if not path.exists():
-        return
-    data = json.loads(path.read_text())
     try:
         from . import cublaslt
 
         version = cublaslt.version()
     except Exception as e:  # no usable libcublasLt: F.linear everywhere
-        import warnings
-
         warnings.warn(f"cuBLASLt records not used: {e}")
         return
     if data.get("lt_version") != version:
-        import warnings
-
-        warnings.warn(f"{path.name} was timed with cuBLASLt {data.get('lt_version')}, this is {version}: not used")
+        warnings.warn(f"cuBLASLt records of {data.get('gpu')} were timed with cuBLASLt {data.get('lt_version')}, "
+                      f"this is {version}: not used")
         return
     for r in data["records"]:
         if not r["lt_us"] <= LT_MARGIN * r["torch_us"]:
