@@ -18,7 +18,8 @@ import torch
 from flashdrive_ros.engine.engine import DriveEngine
 from flashdrive_ros.engine.graphed import GraphedStages
 from flashdrive_ros.engine.preprocess import tokens_per_image
-from flashdrive_ros.engine.speculative import Drafter, context_features, greedy_accept, speculative_decode
+from flashdrive_ros.engine.speculative import (Drafter, closed_in_block, context_features, greedy_accept, place_closing,
+                                               speculative_decode)
 from test_spec_lossless import PROMPT_LEN, OracleDrafter, autoregressive, build_target, prefill
 
 torch.set_num_threads(2)
@@ -172,7 +173,9 @@ def test_graphed_loop_equals_eager_loop(target, seed, corrupt_prob):
         assert graphed.verify_passes == eager.verify_passes
         assert graphed.accept_lengths == eager.accept_lengths
         assert graphed.n_ctx == eager.n_ctx == n_ctx
-        assert graphed.forward_passes == graphed.verify_passes + 1  # closing tokens: one tail forward
+        # closing ids: one tail forward, none when the last block ended on a drafted <|cot_end|>
+        assert graphed.forward_passes == eager.forward_passes
+        assert graphed.forward_passes - graphed.verify_passes in (0, 1)
         assert fast.host_reads == max(graphed.verify_passes, 1)
         # the expert reads slots [0, n_ctx): the same K/V as the eager loop wrote
         torch.testing.assert_close(cache.k[:, :, :, :n_ctx], eager_cache.k[:, :, :, :n_ctx], atol=1e-4, rtol=1e-4)
@@ -187,13 +190,15 @@ def test_graphed_loop_equals_eager_loop(target, seed, corrupt_prob):
 
 
 def test_loop_cases_covered(target):
-    """Across seeds the runs above see <|cot_end|> end the reasoning inside a verified block."""
+    """Across seeds the runs above see <|cot_end|> end the reasoning inside a verified block, and a block
+    that ends on a drafted <|cot_end|> carries <|traj_future_start|> too: no closing forward."""
     model, ids = target
-    stops = 0
+    stops, closed = 0, 0
     for seed in range(3):
         ref, _, _, _, graphed, _, _ = loop_pair(model, ids, seed, 0.0, MAX_NEW)
         stops += ref[-1] == ids.cot_end and graphed.num_generated == len(ref) < MAX_NEW
-    assert stops >= 1
+        closed += graphed.verify_passes > 0 and graphed.forward_passes == graphed.verify_passes
+    assert stops >= 1 and closed >= 1
 
 
 def test_greedy_accept_matches_the_loop_rules():
@@ -219,3 +224,42 @@ def test_greedy_accept_matches_the_loop_rules():
         a, emitted, stop = greedy_accept(draft, target, torch.tensor([n_gen]), cot_end, max_new)
         assert (int(a), int(emitted), bool(stop)) == (a_ref, emitted_ref, stop_ref)
         assert target[:int(emitted)].tolist() == new[:emitted_ref]
+
+
+def test_place_closing_puts_traj_future_start_after_the_first_drafted_cot_end():
+    cot_end, tfs = 9, 11
+    t = lambda *v: torch.tensor(v)  # noqa: E731
+    assert place_closing(t(1, 9, 3, 4), cot_end, tfs).tolist() == [1, 9, 11, 4]
+    assert place_closing(t(9, 9, 3, 4), cot_end, tfs).tolist() == [9, 11, 3, 4]  # the first one only
+    assert place_closing(t(1, 2, 3, 9), cot_end, tfs).tolist() == [1, 2, 3, 9]  # no room: unchanged
+    assert place_closing(t(1, 2, 3, 4), cot_end, tfs).tolist() == [1, 2, 3, 4]  # no <|cot_end|>
+
+
+def test_closed_in_block_only_when_both_closing_rows_were_written():
+    """block = [anchor, drafts]; True iff the emitted reasoning ends on an accepted draft <|cot_end|>
+    and the row after it holds <|traj_future_start|>."""
+    cot_end, tfs = 9, 11
+    block = torch.tensor([5, 1, 9, 11, 4])  # anchor 5, drafts 1, <|cot_end|>, <|traj_future_start|>, 4
+
+    def closed(a, emitted, stop, last, ids=block):
+        one = lambda v: torch.tensor([v])  # noqa: E731
+        return bool(closed_in_block(ids, one(a), one(emitted), one(stop), one(last), cot_end, tfs))
+
+    assert closed(a=2, emitted=2, stop=True, last=cot_end)      # drafts 1, <|cot_end|> accepted
+    assert closed(a=4, emitted=2, stop=True, last=cot_end)      # more accepted after it: same rows
+    assert not closed(a=1, emitted=2, stop=True, last=cot_end)  # <|cot_end|> was the bonus: not in the block
+    assert not closed(a=2, emitted=2, stop=True, last=1)        # stopped by the budget on another id
+    assert not closed(a=1, emitted=2, stop=False, last=7)       # still reasoning
+    no_room = torch.tensor([5, 1, 2, 3, 9])
+    assert not closed(a=4, emitted=4, stop=True, last=cot_end, ids=no_room)
+
+
+def test_greedy_engine_closes_in_one_forward(clip):
+    """Autoregressive decode feeds [last id, (<|cot_end|>), <|traj_future_start|>] as one causal forward (the
+    graphed engine through its q = 3 `close` graph, left-aligned): graphed and eager engines agree."""
+    fast, slow = engine(True, speculative=False), engine(False, speculative=False)
+    for t in SCHEDULE[:3]:
+        a, b = fast.step(*window(clip, t)), slow.step(*window(clip, t))
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.xyz, b.xyz, rtol=1e-4, atol=1e-4)
+    assert "close" in stages(fast) and "decode" in stages(fast)

@@ -88,7 +88,7 @@ def test_fast_path_equals_eager(eager_parts, fast_parts, clip, streaming, flow, 
     assert a.xyz.shape == (k, 64, 3)
     # graphs are built once per stage and shape, then reused across windows
     stages = {key[0] for key in fast._fast.graphs}
-    expected = {"encode", "full_prefill", "decode", "action"} | ({"stream_prefill", "shift"} if streaming else set())
+    expected = {"encode", "full_prefill", "decode", "close", "action"} | ({"stream_prefill", "shift"} if streaming else set())
     assert stages == expected
     built = fast._fast.builds
     fast.step(*window(clip, 0 if not streaming else 3))  # streaming: t0 not +0.1 s -> full prefill again

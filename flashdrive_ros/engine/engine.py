@@ -86,6 +86,9 @@ class StepResult:
     tokens_per_pass: float          # mean tokens per verify pass (tau); 1.0 without speculation
     t0_us: int
     token_ids: list[int] = field(default_factory=list)  # generated ids (for tests / evaluation)
+    decode_forwards: int = 0        # target forwards of the decode stage. Greedy: one per generated id after
+                                    # the first, plus one for the closing ids. Speculative: verify_passes, plus
+                                    # one closing forward unless the last block ended on a drafted <|cot_end|>
 
 
 class StageTimer:
@@ -364,7 +367,7 @@ class DriveEngine:
         logits, playout, new_frames = self.prefill(frames, t0_us, hist_xyz, timer)
         gen = self._make_generator(t0_us)
         with timer.stage("decode"):
-            tokens, n_generated, passes, n_ctx, per_pass = self.decode(logits, playout.length, gen)
+            tokens, n_generated, passes, n_ctx, per_pass, forwards = self.decode(logits, playout.length, gen)
         with timer.stage("action"):
             xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
         if self.streaming:
@@ -375,7 +378,7 @@ class DriveEngine:
         reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
         return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
                           timings_ms=timings, full_prefill=not new_frames, verify_passes=passes,
-                          tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens)
+                          tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens, decode_forwards=forwards)
 
     # ------------------------------------------------------------------ public building blocks
     @torch.no_grad()
@@ -428,12 +431,13 @@ class DriveEngine:
         """Reasoning from slot `start` (token by token, or draft + verify when speculative).
 
         Leaves <|cot_end|><|traj_future_start|> in the cache. Returns (ids incl. <|cot_end|>,
-        number the model generated, verify passes, n_ctx for the expert, tokens per verify pass).
+        number the model generated, verify passes, n_ctx for the expert, tokens per verify pass,
+        target forwards in all).
         """
         if not self.speculative:
             # One target pass per emitted token (the prefill gives the first): tau = 1 by definition.
-            tokens, n_generated, _forwards, n_ctx = self._decode(logits, start, gen)
-            return tokens, n_generated, n_generated, n_ctx, 1.0
+            tokens, n_generated, forwards, n_ctx = self._decode(logits, start, gen)
+            return tokens, n_generated, n_generated, n_ctx, 1.0, forwards
         from .speculative import speculative_decode
 
         if self._fast is not None and self.temperature == 0.0 and self._fast.speculative_graphs:
@@ -442,7 +446,7 @@ class DriveEngine:
         else:  # sampling (rejection sampling on a CPU generator) stays the eager loop
             res = speculative_decode(self.model, self.drafter, self.cache, logits, self._context, start,
                                      self.ids, self.max_new_tokens, self.temperature, self.top_p, generator=gen)
-        return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau
+        return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau, res.forward_passes
 
     def shift(self, k: int = 1) -> None:
         """Move frames k..3 of every view onto frames 0..3-k (one index copy over all layers)."""
@@ -572,11 +576,20 @@ class DriveEngine:
                 break
             logits = feed(token)
         n_generated = len(generated)
-        feed(generated[-1])
+        closing = [generated[-1]]
         if generated[-1] != cot_end:
             generated.append(cot_end)  # budget exhausted: close the reasoning as the expert expects
-            feed(cot_end)
-        feed(tfs)
+            closing.append(cot_end)
+        closing.append(tfs)
+        # one forward for the closing ids (their logits are not needed): a pass fewer than feeding each
+        if self._fast is not None:
+            self._fast.close(closing, slot)
+        else:
+            slots = slot + torch.arange(len(closing), device=self.device)
+            mask = torch.where(keys[None, :] <= slots[:, None], 0.0, neg).to(self.dtype)[None, None]
+            lm(lm.embed_tokens(torch.tensor([closing], device=self.device)), self.cache, slots, mask, max_len)
+        slot += len(closing)
+        passes += 1
         return generated, n_generated, passes, slot
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> int:

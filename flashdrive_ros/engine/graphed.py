@@ -13,7 +13,9 @@ instead of its eager modules when `cuda_graphs` is on:
                   (over its draft vocabulary when it has one)          draft vocabulary
   verify          speculative: q = block target forward + greedy        key: max_len, block
                   acceptance + every loop-state update, on the device
-  tail            speculative: the closing <= 3 tokens, one q = 3 pass  key: max_len
+  close           greedy: the closing <= 3 tokens, one q = 3 pass       key: max_len
+  tail            speculative: the same from the loop state on the      key: max_len
+                  device; not run when the last block already holds them
 
 Greedy speculative decoding (`speculative_decode`) keeps its loop state in device tensors (`_SpecState`):
 anchor, proposed ids, drafter context, start slot, ids emitted so far, accept lengths, done flag.
@@ -225,6 +227,30 @@ class GraphedStages:
         g.buffers["slot"].fill_(slot)
         return g()
 
+    def close(self, ids: list[int], slot: int) -> None:
+        """Feed the closing ids ([last generated] [<|cot_end|>] <|traj_future_start|>, 1 to TAIL of them)
+        at slots [slot, slot + len(ids)) in one q = TAIL forward: left-aligned, the padding repeats the
+        last id at scratch slots past them (the action slots that follow are rewritten by the expert)."""
+        if not 1 <= len(ids) <= TAIL:
+            raise ValueError(f"close feeds 1 to {TAIL} ids, got {len(ids)}")
+        n, dev = self.engine.cache.max_len, self.engine.device
+        ar = torch.arange(TAIL, device=dev)
+
+        def build():
+            def fn(ids, slot):
+                self._causal_forward(ids, slot + ar)
+
+            return G.StageGraph(fn, {"ids": torch.zeros(TAIL, dtype=torch.long, device=dev),
+                                     "slot": torch.full((1,), slot, dtype=torch.long, device=dev)},
+                                name="close")
+
+        g = self._get(("close", n), build)
+        padded = list(ids) + [ids[-1]] * (TAIL - len(ids))
+        for i, tok in enumerate(padded):  # host scalars: no device->host sync
+            g.buffers["ids"][i].fill_(tok)
+        g.buffers["slot"].fill_(slot)
+        g()
+
     # ------------------------------------------------------------------ action
     def action(self, noise: torch.Tensor, n_ctx: int, schedule: FlowSchedule) -> torch.Tensor:
         """The whole flow loop over the expert: noise [K, 64, 2] (drawn by the caller) -> actions [K, 64, 2].
@@ -290,6 +316,8 @@ class GraphedStages:
     def _spec_graphs(self, st: "_SpecState", start: int) -> tuple[G.StageGraph, G.StageGraph, G.StageGraph]:
         """The draft, verify and tail graphs bound to `st` (built on first use; verify/tail with the
         state marked done at slot `start`, i.e. warm-ups that only touch scratch slots >= start)."""
+        from .speculative import closed_in_block, greedy_accept, place_closing
+
         engine, model, cache, drafter = self.engine, self._model, self.engine.cache, self.engine.drafter
         cfg = drafter.cfg
         block, n_ctx_rows = cfg.block_size, cfg.context_len
@@ -308,25 +336,28 @@ class GraphedStages:
             def fn(anchor, ctx, draft, **_):
                 # [block - 1, K]: K = V, or the draft vocabulary (its gathered head; ids mapped back)
                 logits = drafter.draft_logits(model, anchor, ctx, check_ids=False, fast=True)[0]
-                draft.copy_(drafter.draft_greedy(logits, banned))
+                draft.copy_(place_closing(drafter.draft_greedy(logits, banned), cot_end, tfs))
 
             return G.StageGraph(fn, bufs, shared=shared, name="draft")
 
         def build_verify():
-            from .speculative import greedy_accept
 
             ar = torch.arange(block, device=dev)
             ar_ctx = torch.arange(n_ctx_rows, device=dev)
 
-            def fn(anchor, draft, ctx, cur, n_gen, done, pending, passes, acc, tokens, summary, **_):
+            def fn(anchor, draft, ctx, cur, n_gen, done, pending, closed, passes, acc, tokens, summary, **_):
                 live = done.logical_not().long()               # 0: the loop had already ended -> no-op
                 slots = cur + ar
-                h, cap = self._causal_forward(torch.cat([anchor, draft]), slots, layers)
+                block_ids = torch.cat([anchor, draft])
+                h, cap = self._causal_forward(block_ids, slots, layers)
                 target = G.greedy_token(model.logits(h[0]), banned)            # [block]
                 feats = torch.cat([cap[i][0] for i in layers], dim=-1)         # [block, n*H]
                 a, emitted, stop = greedy_accept(draft, target, n_gen, cot_end, max_new)
                 emitted = emitted * live
-                kept = (1 + torch.minimum(a, emitted)) * live  # anchor + kept drafts now in the cache
+                last = target.gather(0, (emitted - 1).clamp(min=0))
+                # the block ended on an accepted <|cot_end|> with <|traj_future_start|> after it: keep that row
+                closes = closed_in_block(block_ids, a, emitted, stop, last, cot_end, tfs) & live.bool()
+                kept = (1 + torch.minimum(a, emitted) + closes.long()) * live  # rows now in the cache
                 pos = n_gen + ar
                 tokens[pos] = torch.where(ar < emitted, target, tokens[pos])
                 acc[passes] = torch.where(live.bool(), emitted, acc[passes])
@@ -334,14 +365,14 @@ class GraphedStages:
                 for t in (cache.k, cache.v, cache.k_rot):      # rejected slots zeroed, as cache.clear
                     t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected, 0)
                 ctx.copy_(torch.cat([ctx[0], feats.to(ctx.dtype)]).index_select(0, kept + ar_ctx)[None])
-                last = target.gather(0, (emitted - 1).clamp(min=0))
                 anchor.copy_(torch.where(live.bool(), last, anchor))
                 pending.copy_(torch.where(live.bool(), (emitted == a + 1).long(), pending))
+                closed.copy_(torch.where(live.bool(), closes.long(), closed))
                 cur.add_(kept)
                 n_gen.add_(emitted)
                 passes.add_(live)
                 done.logical_or_(stop)
-                summary.copy_(torch.cat([done.long(), n_gen, cur, pending, passes, acc, tokens]))
+                summary.copy_(torch.cat([done.long(), n_gen, cur, pending, passes, closed, acc, tokens]))
 
             return G.StageGraph(fn, bufs, shared=shared, name="verify")
 
@@ -394,6 +425,7 @@ class GraphedStages:
         st.cur.fill_(start)
         st.n_gen.fill_(1)
         st.pending.fill_(1)
+        st.closed.zero_()
         st.passes.zero_()
         if max_new_tokens <= 1:
             st.done.fill_(True)
@@ -408,15 +440,17 @@ class GraphedStages:
                 break
         else:
             raise RuntimeError("speculative loop did not finish within max_new_tokens passes")
-        n_gen, cur, pending, passes = summary[1:5]
-        accept_lengths = summary[5:5 + passes]
-        generated = summary[5 + st.acc.numel():][:n_gen]
-        tail_g()
-        n_tail = int(pending) + 1
+        n_gen, cur, pending, passes, closed = summary[1:6]
+        accept_lengths = summary[6:6 + passes]
+        generated = summary[6 + st.acc.numel():][:n_gen]
+        n_tail = 0
+        if not closed:  # the closing ids were not all in the last block: one q = 3 forward feeds them
+            tail_g()
+            n_tail = int(pending) + 1
         if generated[-1] != cot_end:
             generated.append(cot_end)
             n_tail += 1
-        return SpeculativeResult(tokens=generated, num_generated=n_gen, forward_passes=passes + 1,
+        return SpeculativeResult(tokens=generated, num_generated=n_gen, forward_passes=passes + (not closed),
                                  verify_passes=passes, n_ctx=cur + n_tail, accept_lengths=accept_lengths)
 
 
@@ -433,11 +467,12 @@ class _SpecState:
     n_gen: torch.Tensor     # [1] ids generated so far
     done: torch.Tensor      # [1] bool
     pending: torch.Tensor   # [1] 1: the anchor's K/V is not in the cache (the tail feeds it)
+    closed: torch.Tensor    # [1] 1: the last block wrote <|cot_end|><|traj_future_start|> (no tail forward)
     passes: torch.Tensor    # [1] verify passes that emitted tokens
     acc: torch.Tensor       # [max_new + 1] tokens emitted per pass
     tokens: torch.Tensor    # [max_new + block] generated ids
     tail: torch.Tensor      # [3] the ids the tail graph fed (diagnostics)
-    summary: torch.Tensor   # [5 + len(acc) + len(tokens)] done, n_gen, cur, pending, passes, acc, tokens
+    summary: torch.Tensor   # [6 + len(acc) + len(tokens)] done, n_gen, cur, pending, passes, closed, acc, tokens
     host: torch.Tensor      # pinned host copy of summary (CUDA)
 
     @classmethod
@@ -446,16 +481,17 @@ class _SpecState:
             return torch.zeros(n, dtype=dt, device=device)
 
         acc, tokens = z(max_new + 1), z(max_new + block)
-        summary = z(5 + acc.numel() + tokens.numel())
+        summary = z(6 + acc.numel() + tokens.numel())
         host = torch.empty(summary.shape, dtype=torch.long, pin_memory=device.type == "cuda")
         return cls(key=key, max_new=max_new, anchor=z(1), draft=z(block - 1),
                    ctx=torch.zeros(1, context_len, ctx_width, dtype=dtype, device=device), cur=z(1), n_gen=z(1),
-                   done=z(1, torch.bool), pending=z(1), passes=z(1), acc=acc, tokens=tokens, tail=z(TAIL),
+                   done=z(1, torch.bool), pending=z(1), closed=z(1), passes=z(1), acc=acc, tokens=tokens,
+                   tail=z(TAIL),
                    summary=summary, host=host)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in ("anchor", "draft", "ctx", "cur", "n_gen", "done", "pending",
-                                               "passes", "acc", "tokens", "tail", "summary")}
+                                               "closed", "passes", "acc", "tokens", "tail", "summary")}
 
     def read(self) -> list[int]:
         """The one device->host transfer of a pass (waits for the pass)."""

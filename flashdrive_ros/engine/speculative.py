@@ -15,7 +15,8 @@ Drafter
 Draft / verify loop (`speculative_decode`)
     anchor = the last chosen, not yet fed token (the first one comes from the prefill logits).
     1. draft: [anchor, MASK x 7] -> 7 draft tokens (greedy: argmax; sampling: drawn from the drafter's
-       filtered distribution q), trajectory ids masked as in sampling.py.
+       filtered distribution q), trajectory ids masked as in sampling.py; <|traj_future_start|> is put
+       right after the first drafted <|cot_end|> (`place_closing`), as every reasoning ends that way.
     2. verify: the target runs [anchor, d1..d7] at slots [cur, cur + 8) of the static cache (q = 8).
        Query j sees keys <= cur + j (valid length); nothing beyond the block is visible.
     3. accept: greedy -> the longest prefix with d[j+1] == argmax posterior[j], plus the bonus
@@ -26,7 +27,9 @@ Draft / verify loop (`speculative_decode`)
        accepted span, and masks keys past each query's own slot).
     5. stop on <|cot_end|> inside the accepted span (truncate there) or at max_new_tokens (then
        <|cot_end|> is appended, as the autoregressive path does); feed what is missing so that
-       <|cot_end|> and then <|traj_future_start|> have their K/V in the cache for the action expert.
+       <|cot_end|> and then <|traj_future_start|> have their K/V in the cache for the action expert, in
+       one forward. When the stop is an accepted *drafted* <|cot_end|>, the block already wrote both
+       (`closed_in_block`): no closing forward at all, one full target pass saved.
     Greedy output is token-for-token the autoregressive greedy output, whatever the drafter predicts.
 
 Graphed greedy loop (engine/graphed.py `GraphedStages.speculative_decode`, on whenever the engine's
@@ -552,13 +555,43 @@ def greedy_accept(draft: torch.Tensor, target: torch.Tensor, n_gen: torch.Tensor
     return a, emitted, stop
 
 
+def place_closing(draft: torch.Tensor, cot_end: int, traj_future_start: int) -> torch.Tensor:
+    """draft [B-1] with <|traj_future_start|> right after its first <|cot_end|> (where the block has room).
+
+    Every reasoning ends <|cot_end|><|traj_future_start|>, and the expert needs both in the cache. When the
+    drafter proposes <|cot_end|> and the target accepts it, the forced id that follows has its K/V written
+    by the same verify pass (its row sees exactly the accepted prefix), so no closing forward is needed
+    (`closed_in_block`). A draft without <|cot_end|>, or with it last, is returned unchanged. Tensor ops
+    only (graph-capturable); what follows the forced id is never emitted (the reasoning stops at
+    <|cot_end|>), so greedy and sampled output are those of the unforced draft.
+    """
+    n = draft.shape[0]
+    ar = torch.arange(n, device=draft.device)
+    first = torch.where(draft == cot_end, ar, n).min()
+    return torch.where(ar == first + 1, torch.full_like(draft, traj_future_start), draft)
+
+
+def closed_in_block(block_ids: torch.Tensor, a: torch.Tensor, emitted: torch.Tensor, stop: torch.Tensor,
+                    last: torch.Tensor, cot_end: int, traj_future_start: int) -> torch.Tensor:
+    """[1] bool: this verify pass wrote the K/V of both closing tokens, so the loop needs no closing forward.
+
+    block_ids [B]: [anchor, drafts]; a, emitted, stop: `greedy_accept`'s (or the sampled loop's) outcome;
+    last [1]: the last emitted id. True when the block ended the reasoning at an *accepted draft*
+    <|cot_end|> (emitted <= a: its row is in the block) and the next row holds <|traj_future_start|>
+    (`place_closing`): the anchor + emitted rows and that one are kept.
+    """
+    kept = 1 + emitted  # rows anchor .. the emitted <|cot_end|> (emitted <= a)
+    nxt = block_ids.gather(0, kept.clamp(max=block_ids.shape[0] - 1))
+    return stop & (last == cot_end) & (emitted <= a) & (kept < block_ids.shape[0]) & (nxt == traj_future_start)
+
+
 # ---------------------------------------------------------------------------------- decode loop
 @dataclass
 class SpeculativeResult:
     tokens: list[int]                 # generated ids, ending with <|cot_end|> (appended if the budget ran out)
     num_generated: int                # ids the model produced (the appended <|cot_end|> excluded)
-    forward_passes: int               # target LM forwards in decode (verify blocks + final single feeds;
-                                      # graphed: verify blocks + one q=3 tail forward)
+    forward_passes: int               # target LM forwards in decode: verify blocks + one closing forward of
+                                      # up to 3 ids, none when the last block closed (`closed_in_block`)
     verify_passes: int                # q = 8 verification forwards
     n_ctx: int                        # slots [0, n_ctx) hold the context up to and incl. <|traj_future_start|>
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verify pass (incl. bonus)
@@ -617,6 +650,7 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
     cur = start                      # slot of the anchor = generated[-1], not yet in the cache
     passes, accept_lengths = 0, []
     bonus_pending = True             # generated[-1] still has to be fed
+    closed = False                   # the last block holds <|cot_end|><|traj_future_start|>
     done = generated[-1] == cot_end or len(generated) >= max_new_tokens
     while not done:
         anchor = torch.tensor([generated[-1]], device=device)
@@ -629,6 +663,7 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
             draft = choose_next_token(d_logits, traj_start, traj_size).cpu()
         else:  # argmax over the K draft ids, mapped back to target ids
             draft = drafter.draft_greedy(d_logits, (traj_start, traj_start + traj_size)).cpu()
+        draft = place_closing(draft, cot_end, tfs)
         block_ids = torch.cat([anchor, draft.to(device)])
         logits, feats = forward(block_ids, cur)                                    # [8, V], [1, 8, n*H]
         passes += 1
@@ -653,21 +688,25 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
         # Slots cur..cur+kept-1 hold the anchor and the kept drafts; the rest of the block is rejected.
         kept = 1 + min(a, emitted)
         bonus_pending = emitted == a + 1          # the last emitted token is the bonus (not in the cache)
+        closed = done and bool(closed_in_block(block_ids.cpu(), torch.tensor([a]), torch.tensor([emitted]),
+                                               torch.tensor([True]), torch.tensor([generated[-1]]), cot_end, tfs))
+        kept += closed                            # the forced <|traj_future_start|> row stays
         if kept < block:
             cache.clear(cur + offsets[kept:])
         ctx = torch.cat([ctx, feats[:, :kept]], dim=1)[:, -cfg.context_len:]
         cur += kept
 
     # Close the reasoning exactly like the autoregressive path: the last token, <|cot_end|> if the
-    # budget ran out, then <|traj_future_start|>, each with its K/V in the cache.
+    # budget ran out, then <|traj_future_start|>, each with its K/V in the cache; one forward for all of
+    # them, none when the last block already holds them.
     num_generated = len(generated)
     tail = [generated[-1]] if bonus_pending else []
     if generated[-1] != cot_end:
         generated.append(cot_end)
         tail.append(cot_end)
-    tail.append(tfs)
-    for tok in tail:
-        forward(torch.tensor([tok], device=device), cur)
-        cur += 1
-    return SpeculativeResult(tokens=generated, num_generated=num_generated, forward_passes=passes + len(tail),
+    if not closed:
+        tail.append(tfs)
+        forward(torch.tensor(tail, device=device), cur)
+        cur += len(tail)
+    return SpeculativeResult(tokens=generated, num_generated=num_generated, forward_passes=passes + bool(tail),
                              verify_passes=passes, n_ctx=cur, accept_lengths=accept_lengths)

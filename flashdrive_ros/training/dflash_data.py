@@ -43,7 +43,7 @@ def rollout_features(engine: DriveEngine, window, gen: torch.Generator) -> dict:
     logits, layout, _ = engine.prefill(window.frames, int(window.t0_us), window.ego_history_xyz)
     prompt_ctx = engine._context[0]  # [8, n*H] captured by the prefill for the drafter
     start = layout.length
-    tokens, n_generated, _, n_ctx, _ = engine.decode(logits, start, gen)
+    tokens, n_generated, _, n_ctx, _, _ = engine.decode(logits, start, gen)
     seq = torch.tensor(tokens + [engine.ids.traj_future_start], device=engine.device)
     slots = start + torch.arange(seq.numel(), device=engine.device)
     if slots[-1] + 1 != n_ctx:

@@ -205,6 +205,7 @@ def measure(args) -> dict:
             rows.append({"clip": clip, "t0_us": int(t0), "same": a.token_ids == s.token_ids,
                          "tokens": s.num_tokens, "verify_passes": s.verify_passes,
                          "emitted_by_verify": s.tokens_per_pass * s.verify_passes,
+                         "decode_forwards_ar": a.decode_forwards, "decode_forwards_spec": s.decode_forwards,
                          "decode_ms_ar": a.timings_ms["decode"], "decode_ms_spec": s.timings_ms["decode"],
                          "full_prefill": s.full_prefill})
     steady = [r for r in rows if not r["full_prefill"]] or rows
@@ -218,6 +219,11 @@ def measure(args) -> dict:
         "tau": sum(r["emitted_by_verify"] for r in steady) / max(n_pass, 1),
         "mean_tokens": sum(r["tokens"] for r in steady) / len(steady),
         "mean_verify_passes": n_pass / len(steady),
+        # target forwards per window incl. the closing one; closed_in_block: the share of windows whose last
+        # verify block held <|cot_end|><|traj_future_start|> (no closing forward)
+        "mean_decode_forwards_ar": sum(r["decode_forwards_ar"] for r in steady) / len(steady),
+        "mean_decode_forwards_spec": sum(r["decode_forwards_spec"] for r in steady) / len(steady),
+        "closed_in_block": sum(r["decode_forwards_spec"] == r["verify_passes"] > 0 for r in steady) / len(steady),
         "decode_ms_ar": sum(r["decode_ms_ar"] for r in steady) / len(steady),
         "decode_ms_spec": sum(r["decode_ms_spec"] for r in steady) / len(steady),
         "decode_ms_ar_median": statistics.median(r["decode_ms_ar"] for r in steady),
