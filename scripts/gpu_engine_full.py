@@ -132,7 +132,7 @@ def run(model, tok, drafter, clip, args, graphs: bool, speculative: bool) -> dic
         wall.append(1e3 * (time.perf_counter() - t0))
         r = res[-1]
         log(f"{name}: window {i} {'full' if r.full_prefill else 'stream'} total {r.timings_ms['total']:.1f} ms "
-            f"(wall {wall[-1]:.1f}) tokens {r.num_tokens} passes {r.verify_passes}")
+            f"(wall {wall[-1]:.1f}) tokens {r.num_tokens} passes {r.verify_passes} forwards {r.decode_forwards}")
     meas = res[args.warmup:] or res
     out = {
         "name": name, "graphs": graphs, "speculative": speculative,
@@ -143,6 +143,7 @@ def run(model, tok, drafter, clip, args, graphs: bool, speculative: bool) -> dic
         "tokens": [list(r.token_ids) for r in res],
         "num_tokens": [r.num_tokens for r in res],
         "verify_passes": [r.verify_passes for r in res],
+        "decode_forwards": [r.decode_forwards for r in res],
         "tokens_per_pass": [r.tokens_per_pass for r in res],
         "xyz": [r.xyz for r in res],
         "full_prefill": [r.full_prefill for r in res],
@@ -173,16 +174,18 @@ def equal_count(a: dict, b: dict, skip: int) -> str:
 
 def table(runs: list[dict], skip: int) -> str:
     head = (f"{'run':<20}" + "".join(f"{s:>11}" for s in STAGES)
-            + f"{'wall':>9}{'tok/win':>9}{'passes':>8}{'tok/pass':>9}{'peak GiB':>9}")
+            + f"{'wall':>9}{'tok/win':>9}{'passes':>8}{'fwds':>7}{'tok/pass':>9}{'peak GiB':>9}")
     lines = [head, "-" * len(head)]
     for r in runs:
         m = r["stage_median_ms"]
         sl = slice(skip, None)
         tok = statistics.mean(r["num_tokens"][sl] or r["num_tokens"])
         passes = statistics.mean(r["verify_passes"][sl] or r["verify_passes"])
+        fwds = statistics.mean(r["decode_forwards"][sl] or r["decode_forwards"])
         tpp = statistics.mean(r["tokens_per_pass"][sl] or r["tokens_per_pass"])
         lines.append(f"{r['name']:<20}" + "".join(f"{m[s]:>11.2f}" for s in STAGES)
-                     + f"{r['wall_median_ms']:>9.1f}{tok:>9.1f}{passes:>8.1f}{tpp:>9.2f}{r['peak_gib']:>9.1f}")
+                     + f"{r['wall_median_ms']:>9.1f}{tok:>9.1f}{passes:>8.1f}{fwds:>7.1f}{tpp:>9.2f}"
+                     + f"{r['peak_gib']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -234,7 +237,7 @@ def main(argv=None):
     for k, r in runs.items():
         summary["runs"][k] = {key: r[key] for key in ("stage_median_ms", "wall_median_ms", "first_window_ms",
                                                       "first_window_wall_ms", "run_s", "num_tokens",
-                                                      "verify_passes", "tokens_per_pass", "host_reads",
+                                                      "verify_passes", "decode_forwards", "tokens_per_pass", "host_reads",
                                                       "graphs_built", "peak_gib")}
     eq = {}
     for a, b, label in (("eager-greedy", "graphed-greedy", "greedy graphed == eager"),

@@ -60,6 +60,7 @@ def main():
     out["tokens_equal"] = [list(a.token_ids) == list(b.token_ids) for a, b in zip(eager, graphed)]
     out["max_xyz_diff_m"] = [float(np.abs(a.xyz - b.xyz).max()) for a, b in zip(eager, graphed)]
     out["full_prefill"] = [b.full_prefill for b in graphed]
+    out["decode_forwards_graphed"] = [b.decode_forwards for b in graphed]
     for name, (res, _, _) in (("eager", runs[False]), ("graphed", runs[True])):
         out[f"{name}_total_ms_per_window"] = [round(r.timings_ms["total"], 1) for r in res]
         out[f"{name}_stage_median_ms"] = stage_medians(res)
@@ -73,6 +74,9 @@ def main():
             "verify_passes_eager": [r.verify_passes for r in se],
             "verify_passes_graphed": [r.verify_passes for r in sg],
             "tokens_per_pass_graphed": [round(r.tokens_per_pass, 2) for r in sg],
+            # target forwards of the decode stage, the closing one included (= verify passes: closed in block)
+            "decode_forwards_eager": [r.decode_forwards for r in se],
+            "decode_forwards_graphed": [r.decode_forwards for r in sg],
             "max_xyz_diff_m": [float(np.abs(a.xyz - b.xyz).max()) for a, b in zip(se, sg)],
             "host_reads_graphed": spec[True][2],
             "eager_total_ms_per_window": [round(r.timings_ms["total"], 1) for r in se],
