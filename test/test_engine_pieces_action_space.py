@@ -115,6 +115,18 @@ def test_action_to_trajectory_shapes_and_frame():
     assert (traj.xyz[..., 0].diff(dim=-1) > 0).all()
 
 
+def test_a_precomputed_start_speed_gives_the_same_trajectory():
+    """The engine fits v0 from the history while the expert runs and passes it in: same result."""
+    space = UnicycleActionSpace()
+    xyz, rot = _history(7.0, yaw_rate=0.2)
+    action = torch.randn(3, 64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    own = space.action_to_trajectory(action, xyz, rot)
+    given = space.action_to_trajectory(action, xyz, rot, v0=space.estimate_v0(xyz, rot))
+    assert torch.equal(own.xyz, given.xyz) and torch.equal(own.yaw, given.yaw)
+    faster = space.action_to_trajectory(action, xyz, rot, v0=space.estimate_v0(xyz, rot) + 1.0)
+    assert (faster.xyz[:, -1, 0] > own.xyz[:, -1, 0]).all()  # v0 is used, not recomputed
+
+
 def test_trajectory_to_action_round_trip():
     space = UnicycleActionSpace()
     hist_xyz, hist_rot = _history(10.0)

@@ -215,15 +215,18 @@ class UnicycleActionSpace:
 
     # ---- decoding
     def action_to_trajectory(self, action_norm: torch.Tensor, hist_xyz: torch.Tensor,
-                             hist_rot: torch.Tensor) -> Trajectory:
+                             hist_rot: torch.Tensor, v0: torch.Tensor | None = None) -> Trajectory:
         """Normalized actions [..., N, 2] -> Trajectory (xyz [..., N, 3], yaw [..., N], rot [..., N, 3, 3]).
 
         The history batch shape must broadcast against the action batch shape (a single history
-        [T, 3] serves K sampled actions [K, N, 2]).
+        [T, 3] serves K sampled actions [K, N, 2]). v0: `estimate_v0(hist_xyz, hist_rot)` when the
+        caller already has it (the engine fits it while the expert runs), else computed here.
         """
         self._check_action(action_norm)
         hist_xyz, hist_rot = torch.as_tensor(hist_xyz), torch.as_tensor(hist_rot)
-        v0 = self.estimate_v0(hist_xyz, hist_rot).to(action_norm.dtype)
+        if v0 is None:
+            v0 = self.estimate_v0(hist_xyz, hist_rot)
+        v0 = torch.as_tensor(v0).to(action_norm.dtype)
         action = self.denormalize(action_norm)
         x, y, yaw, _ = integrate_unicycle(action[..., 0], action[..., 1], v0, self.dt)
         z = torch.broadcast_to(hist_xyz[..., -1, 2].to(action.dtype).unsqueeze(-1), x.shape)

@@ -251,6 +251,7 @@ class DriveEngine:
         # On by default on CUDA; forced on elsewhere it runs the same stage functions eagerly.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._fast = None
+        self._noise_host: torch.Tensor | None = None  # pinned staging buffer of the flow noise (CUDA)
         if self.cuda_graphs:
             from . import graphs
             from .graphed import GraphedStages
@@ -600,26 +601,42 @@ class DriveEngine:
 
     def _action(self, n_ctx: int, hist_xyz: np.ndarray, hist_rot: np.ndarray, gen: torch.Generator):
         """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories."""
-        k = self.num_samples
-        noise = torch.randn((k, N_WAYPOINTS, 2), generator=gen) * self.diffusion_temperature
-        noise = noise.to(self.device)
+        noise = self._noise(gen)
         if self._fast is not None:  # the whole flow loop is one graph; noise drawn above, outside it
-            return self._trajectory(self._fast.action(noise, n_ctx, self.schedule), hist_xyz, hist_rot)
-        start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
-        action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
+            actions = self._fast.action(noise, n_ctx, self.schedule)
+        else:
+            start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
+            action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            tokens = self.model.action_in_proj(x, t)
-            hidden = self.model.expert(tokens, self.cache, n_ctx, action_positions)
-            return self.model.action_velocity(hidden)
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                tokens = self.model.action_in_proj(x, t)
+                hidden = self.model.expert(tokens, self.cache, n_ctx, action_positions)
+                return self.model.action_velocity(hidden)
 
-        actions = flow_sample(velocity, noise, self.schedule)
-        return self._trajectory(actions, hist_xyz, hist_rot)
+            actions = flow_sample(velocity, noise, self.schedule)
+        # the start speed depends on the history only: the host fits it while the device runs the expert
+        hist_xyz_t, hist_rot_t = torch.from_numpy(hist_xyz), torch.from_numpy(hist_rot)
+        v0 = self.action_space.estimate_v0(hist_xyz_t, hist_rot_t)
+        return self._trajectory(actions, hist_xyz_t, hist_rot_t, v0)
 
-    def _trajectory(self, actions: torch.Tensor, hist_xyz: np.ndarray, hist_rot: np.ndarray):
+    def _noise(self, gen: torch.Generator) -> torch.Tensor:
+        """The flow's starting noise [K, 64, 2], drawn from the window's CPU generator (so a seed gives the
+        same trajectory on every device). On CUDA it goes up through a pinned buffer without a stream sync,
+        so the action graph is queued behind the decode stage's last pass instead of waiting for it."""
+        noise = torch.randn((self.num_samples, N_WAYPOINTS, 2), generator=gen) * self.diffusion_temperature
+        if self.device.type != "cuda":
+            return noise.to(self.device)
+        if self._noise_host is None or self._noise_host.shape != noise.shape:
+            self._noise_host = torch.empty(noise.shape, dtype=noise.dtype, pin_memory=True)
+        # the previous window's copy is done: its trajectory was read back (synchronised) after it
+        self._noise_host.copy_(noise)
+        return self._noise_host.to(self.device, non_blocking=True)
+
+    def _trajectory(self, actions: torch.Tensor, hist_xyz: torch.Tensor, hist_rot: torch.Tensor,
+                    v0: torch.Tensor | None = None):
         """Normalized (accel, curvature) [K, 64, 2] -> numpy xyz [K,64,3], yaw [K,64], rot [K,64,3,3].
 
         Integrated on the CPU in float64 (64 sequential steps; cheaper than on the GPU)."""
-        traj = self.action_space.action_to_trajectory(
-            actions.detach().to("cpu", torch.float64), torch.from_numpy(hist_xyz), torch.from_numpy(hist_rot))
+        traj = self.action_space.action_to_trajectory(actions.detach().to("cpu", torch.float64), hist_xyz, hist_rot,
+                                                      v0=v0)
         return (traj.xyz.float().numpy(), traj.yaw.float().numpy(), traj.rot.float().numpy())
