@@ -3,7 +3,8 @@
 The benchmark times the graphed stages alone; `DriveEngine.step` also prepares inputs on the host and turns
 the flow output into a trajectory. This wraps those pieces of a graphed tiny engine (fast to build; the host
 work does not depend on the model's size) with a device sync on both sides and prints the median wall time
-of each, next to the stage times the engine itself reports.
+of each, next to the stage times the engine itself reports. The syncs serialise what a plain step overlaps
+(the start-speed fit runs beside the prefill), so the stage times printed here include them.
 
     python scripts/gpu_engine_host_probe.py [--windows 12] [--device cuda]
 """
@@ -65,6 +66,9 @@ def main():
     engine_module.encode_history = timed(pieces, "preprocess: encode_history", engine_module.encode_history, device)
     engine_module.validate_inputs = timed(pieces, "step: validate_inputs", engine_module.validate_inputs, device)
     eng._prompt = timed(pieces, "preprocess: prompt ids", eng._prompt, device)
+    # fitted while the device runs the prefill (the sync here makes it show; in a plain step it overlaps)
+    eng.action_space.estimate_v0 = timed(pieces, "after prefill (overlapped): estimate_v0",
+                                         eng.action_space.estimate_v0, device)
 
     stages = []
     for i in range(args.warmup + args.windows):

@@ -366,11 +366,15 @@ class DriveEngine:
         frames, t0_us, hist_xyz, hist_rot = validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot)
         timer = StageTimer(self.device)
         logits, playout, new_frames = self.prefill(frames, t0_us, hist_xyz, timer)
+        # the start speed of the trajectory depends on the history only: fitted on the host while the
+        # device runs the prefill (the graphs are queued), so it is off the action stage's path
+        hist_xyz_t, hist_rot_t = torch.from_numpy(hist_xyz), torch.from_numpy(hist_rot)
+        v0 = self.action_space.estimate_v0(hist_xyz_t, hist_rot_t)
         gen = self._make_generator(t0_us)
         with timer.stage("decode"):
             tokens, n_generated, passes, n_ctx, per_pass, forwards = self.decode(logits, playout.length, gen)
         with timer.stage("action"):
-            xyz, yaw, rot = self._action(n_ctx, hist_xyz, hist_rot, gen)
+            xyz, yaw, rot = self._action(n_ctx, hist_xyz_t, hist_rot_t, v0, gen)
         if self.streaming:
             with timer.stage("prefill"):  # cache maintenance for the next window's prefill
                 self.shift()
@@ -599,8 +603,10 @@ class DriveEngine:
         return int(choose_next_token(logits.float().cpu(), self.ids.traj_start, self.ids.traj_vocab_size,
                                      self.temperature, self.top_p, generator=gen)[0])
 
-    def _action(self, n_ctx: int, hist_xyz: np.ndarray, hist_rot: np.ndarray, gen: torch.Generator):
-        """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories."""
+    def _action(self, n_ctx: int, hist_xyz: torch.Tensor, hist_rot: torch.Tensor, v0: torch.Tensor,
+                gen: torch.Generator):
+        """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories that start
+        at speed v0 (`action_space.estimate_v0` of the history)."""
         noise = self._noise(gen)
         if self._fast is not None:  # the whole flow loop is one graph; noise drawn above, outside it
             actions = self._fast.action(noise, n_ctx, self.schedule)
@@ -614,10 +620,7 @@ class DriveEngine:
                 return self.model.action_velocity(hidden)
 
             actions = flow_sample(velocity, noise, self.schedule)
-        # the start speed depends on the history only: the host fits it while the device runs the expert
-        hist_xyz_t, hist_rot_t = torch.from_numpy(hist_xyz), torch.from_numpy(hist_rot)
-        v0 = self.action_space.estimate_v0(hist_xyz_t, hist_rot_t)
-        return self._trajectory(actions, hist_xyz_t, hist_rot_t, v0)
+        return self._trajectory(actions, hist_xyz, hist_rot, v0)
 
     def _noise(self, gen: torch.Generator) -> torch.Tensor:
         """The flow's starting noise [K, 64, 2], drawn from the window's CPU generator (so a seed gives the
