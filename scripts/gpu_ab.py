@@ -6,8 +6,7 @@
 Variants (VARIANTS below) are changes against the engine's defaults: "session4" is the launch code as session 4
 left it (PDL without the prefetch, the late launch trigger, the 5 % shipping margin; with this session's
 records), "no_pdl" has no programmatic dependent launch, "records=PATH" runs the GEMM records of another file,
-"vision_attention_kernel=BMxBNxWxS" (or =@FILE holding that string) runs the vision tower's attention on
-engine/vision_attention_kernel.py with that Config, the others change one switch each.
+the others change one switch each.
 
 Builds the benchmark's OursPipeline once (random weights, timing only) and times the row "ours: all (τ=5.6)"
 under each variant: the variant's module switches are set, every CUDA graph is captured again (the switches are
@@ -38,8 +37,7 @@ from flashdrive_ros.engine import linear_kernel as LK  # noqa: E402
 STAGES = ("encode", "prefill", "decode", "action", "total")
 # Kernel-route counters: calls of these functions while a variant builds and runs (its graphs are captured
 # again, so a route its switches turn on or off shows up here; replays do not call Python).
-COUNTED = (("norm_kernels", "add_rms_norm"), ("linear_kernel", "skinny_linear"), ("linear_kernel", "skinny_swiglu"),
-           ("vision_attention_kernel", "vision_attention"))
+COUNTED = (("norm_kernels", "add_rms_norm"), ("linear_kernel", "skinny_linear"), ("linear_kernel", "skinny_swiglu"))
 CALLS: dict = {}
 ACTION_TOKENS = G.action_tokens
 
@@ -181,22 +179,7 @@ VARIANTS = {
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
     "no_cublaslt": [_switch(G._LT, "use", {})],
     "action_in_proj_eager": [_set(G, action_tokens=lambda in_proj, x, t: in_proj(x, t))],
-    "vision_attention_kernel": [_switch(G.VISION_FAST, "attention_kernel", True)],
 }
-
-
-def _vision_attention_kernel(spec: str):
-    """The vision tower's attention on engine/vision_attention_kernel.py with Config(block_m, block_n, warps,
-    stages) = spec "BMxBNxWxS" (scripts/gpu_vision_attention_check.py --best writes one)."""
-    from flashdrive_ros.engine import vision_attention_kernel as vak
-
-    cfg = vak.Config(*(int(x) for x in spec.split("x")))
-
-    def apply():
-        old = vak.DEFAULT
-        vak.DEFAULT = cfg
-        RESTORE.append(lambda: setattr(vak, "DEFAULT", old))
-    return [_switch(G.VISION_FAST, "attention_kernel", True), apply]
 
 
 def main() -> None:
@@ -211,10 +194,6 @@ def main() -> None:
     for n in names:  # "records=PATH": the shipped GEMM records of another file
         if n.startswith("records="):
             VARIANTS[n] = [_records(n.split("=", 1)[1])]
-        if n.startswith("vision_attention_kernel="):  # a config "BMxBNxWxS", or @FILE holding one
-            spec = n.split("=", 1)[1]
-            spec = Path(spec[1:]).read_text().strip() if spec.startswith("@") else spec
-            VARIANTS[n] = _vision_attention_kernel(spec)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")

@@ -989,21 +989,22 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
 # - fc1 + GELU: cuBLASLt's GELU epilogue, one kernel instead of two (H100: 53.4 against 65.4 us per
 #   layer; the epilogue is the tanh approximation, which is what gelu_pytorch_tanh computes, and is as
 #   close to float32 as the two-kernel path).
-# - attention (head dim 72): attention_kernel (engine/vision_attention_kernel.py, the head split into
-#   64 + 16 lanes) or cuDNN's flash attention through SDPA (scripts/gpu_vision_attention_check.py times both).
-#   Session 3's slot_attention with padded head lanes was slower than cuDNN (H200: 139 us per layer against 41.7).
+# - attention (head dim 72): slot_attention with padded head lanes is correct but off: the masked lanes
+#   defeat vectorised loads (H200: 139 us per layer against cuDNN's 41.7); cuDNN stays the default.
 VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True}
 
 
 def _vision_attention(a, q, k, v, st: VisionStatic, n_tok: int) -> torch.Tensor:
     """Per-image attention of q/k/v [N, heads, d] -> [N, heads * d] in the projection's layout."""
-    vak = _kernel_module("vision_attention_kernel", q) if VISION_FAST["attention_kernel"] else None
-    if vak is not None and vak.supports(q, k, v):
-        return vak.vision_attention(q, k, v, st.n_images, a.scaling)
+    ak = _kernel_module("attention_kernel", q) if VISION_FAST["attention_kernel"] else None
 
     def per_image(t: torch.Tensor) -> torch.Tensor:  # [N, heads, d] -> [n_img, heads, L, d]
         return t.reshape(st.n_images, st.patches_per_image, a.num_heads, -1).transpose(1, 2)
 
+    if ak is not None:  # heads-last output [n_img, L, heads, d] is already the projection's layout
+        o = ak.slot_attention(per_image(q), per_image(k), per_image(v), st.key_limit, scale=a.scaling,
+                              heads_last=True)
+        return o.reshape(n_tok, -1)
     o = F.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v), scale=a.scaling)
     return o.transpose(1, 2).reshape(n_tok, -1)
 
