@@ -991,6 +991,9 @@ def vision_static(tower, grid_thw: torch.Tensor) -> VisionStatic:
 #   close to float32 as the two-kernel path).
 # - attention (head dim 72): slot_attention with padded head lanes is correct but off: the masked lanes
 #   defeat vectorised loads (H200: 139 us per layer against cuDNN's 41.7); cuDNN stays the default.
+#   Session 8's flash kernel with the head split into 64 + 16 lanes loaded through TMA (commit 1f5f1d6,
+#   reverted) was correct but slower too: 51.2 us per layer at best against cuDNN's 42.8 on the H100
+#   (docs/bench/vision_attention_tma_h100_session8.json).
 VISION_FAST = {"attention_kernel": False, "gelu_epilogue": True}
 
 
