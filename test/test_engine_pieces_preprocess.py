@@ -97,3 +97,28 @@ def test_list_input_and_bad_input():
         preprocess_images(a[..., :2], **REAL)
     with pytest.raises(TypeError, match="numpy array or torch tensor"):
         preprocess_images("frame.png", **REAL)
+
+
+def test_uploader_batch_equals_the_stacked_array():
+    """A list of same-size frames through a FrameUploader gives exactly what the stacked array gives."""
+    from flashdrive_ros.engine.preprocess import FrameUploader
+
+    images = [_camera_like_image(270, 480, seed) for seed in range(4)]
+    up = FrameUploader("cpu")
+    a = preprocess_images(np.stack(images), **REAL)
+    b = preprocess_images(images, **REAL, uploader=up)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(up(images), torch.from_numpy(np.stack(images)))
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], "no images"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], r"image 1: expected uint8 numpy \[8, 8, 3\]"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)], "image 1: .* float32"),
+    ([np.zeros((8, 8), np.uint8)], "image 0: .*channels last"),
+])
+def test_uploader_rejects_what_it_cannot_batch(images, message):
+    from flashdrive_ros.engine.preprocess import FrameUploader
+
+    with pytest.raises(ValueError, match=message):
+        FrameUploader("cpu")(images)

@@ -144,3 +144,56 @@ def test_from_pretrained_tiny():
     r = eng.step(*inputs())
     assert r.xyz.shape == (1, 64, 3) and r.full_prefill
     assert next(eng.model.parameters()).dtype == torch.float32
+
+
+def _nested(frames):
+    """The same window as 4 lists of 4 [H, W, 3] arrays (how the drive node hands over decoded frames)."""
+    return [[frames[c, k] for k in range(4)] for c in range(4)]
+
+
+def test_nested_frames_give_the_same_steps_as_one_array(parts):
+    """A window given as per-camera lists of frames is the same input as the [4, 4, H, W, 3] array: full
+    prefill, then streaming windows, equal tokens and trajectories."""
+    a, b = make_engine(parts), make_engine(parts)
+    for w in range(3):
+        frames, t0, xyz, rot = inputs(w)
+        ra = a.step(frames, t0 + w * 100_000, xyz, rot)
+        rb = b.step(_nested(frames), t0 + w * 100_000, xyz, rot)
+        assert ra.full_prefill == rb.full_prefill == (w == 0)
+        assert ra.token_ids == rb.token_ids
+        np.testing.assert_array_equal(ra.xyz, rb.xyz)
+
+
+def test_streaming_step_reads_only_the_newest_frame_of_each_camera(parts):
+    """The three older frames of every camera are in the cache already: a streaming step must not need them."""
+    eng = make_engine(parts)
+    frames, t0, xyz, rot = inputs(0)
+    eng.step(frames, t0, xyz, rot)
+    frames2 = inputs(1)[0]
+    ref = make_engine(parts)
+    ref.step(frames, t0, xyz, rot)
+    r_ref = ref.step(frames2, t0 + 100_000, xyz, rot)
+    nested = _nested(frames2)
+    for cam in nested:
+        for k in range(3):
+            cam[k] = np.full_like(cam[k], 255)  # anything: a streaming step does not look at it
+    r = eng.step(nested, t0 + 100_000, xyz, rot)
+    assert not r.full_prefill and r.token_ids == r_ref.token_ids
+    np.testing.assert_array_equal(r.xyz, r_ref.xyz)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda n: n[:3], "3 cameras"),
+    (lambda n: [cam[:3] for cam in n], "3 frames per camera"),
+    (lambda n: [[im.astype(np.float32) for im in cam] for cam in n], r"uint8 RGB, got dtype float32 at \[0\]\[0\]"),
+    (lambda n: [n[0][:3] + [n[0][3][:64]]] + n[1:], r"frames\[0\]\[3\] is 128x64, frames\[0\]\[0\] is 128x128"),
+    (lambda n: [n[0], n[1], n[2], n[3][:3] + [n[3][3][..., :1]]], r"frames\[3\]\[3\] must be \[H, W, 3\] RGB"),
+    (lambda n: [n[0], n[1], [None] * 4, n[3]], r"frames\[2\]\[0\] must be a numpy array, got NoneType"),
+    (lambda n: [n[0], 7, n[2], n[3]], r"frames\[1\] must be a sequence of 4 frames, got int"),
+    (lambda n: {"front": n}, "got dict"),
+])
+def test_bad_nested_frames_raise_clear_errors(parts, change, message):
+    eng = make_engine(parts)
+    frames, t0, xyz, rot = inputs()
+    with pytest.raises(ValueError, match=message):
+        eng.step(change(_nested(frames)), t0, xyz, rot)

@@ -2,6 +2,7 @@
 invalid parameters refused at start-up with the parameter's name."""
 import random
 
+import numpy as np
 import pytest
 
 import test_node_harness as h
@@ -72,3 +73,66 @@ def test_process_exits_with_a_clear_error_on_an_invalid_parameter():
     assert proc.returncode == 2
     assert "invalid configuration: missing_camera_policy" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _window(ctx_t0_us, make_msg):
+    """A complete window of 4 cameras x 4 frames at 0.1 s spacing, frames[c][k] = make_msg(c, stamp)."""
+    from flashdrive_ros.nodes.camera_sync import Window
+    stamps = [[ctx_t0_us - (3 - k) * 100_000 for k in range(4)] for _ in range(4)]
+    return Window(t0_us=ctx_t0_us, frames=[[make_msg(c, s) for s in stamps[c]] for c in range(4)], stamps_us=stamps)
+
+
+def _jpeg_msg(c, stamp):
+    from sensor_msgs.msg import CompressedImage
+    return CompressedImage(format="jpeg", data=h.jpeg(h.camera_image(c, stamp * 1e-6)))
+
+
+@pytest.mark.parametrize("threads, meet", [(4, True), (1, False)])
+def test_new_frames_of_a_window_decode_in_parallel(ctx, monkeypatch, threads, meet):
+    """With decode_threads > 1 two decodes of one window run at the same time (they meet at a barrier);
+    with 1 they run one after the other in the worker (the barrier times out)."""
+    import threading
+
+    from flashdrive_ros.nodes import drive_node
+    barrier, met, real = threading.Barrier(2, timeout=2.0), [], drive_node.decode_image_msg
+
+    def decode_meeting(msg, *a, **k):
+        try:
+            barrier.wait()
+            met.append(True)
+        except threading.BrokenBarrierError:
+            barrier.reset()
+            met.append(False)
+        return real(msg, *a, **k)
+
+    monkeypatch.setattr(drive_node, "decode_image_msg", decode_meeting)
+    node = make_node(ctx, decode_threads=threads)
+    try:
+        win = _window(2_000_000, lambda c, s: _jpeg_msg(c, s) if c < 2 and s == 2_000_000 else None)
+        decoded = node._decode_all(win)  # the two t0 frames of cameras 0 and 1
+        assert [isinstance(decoded[c][3], np.ndarray) for c in range(4)] == [True, True, False, False]
+        assert all(met) == meet and len(met) == 2
+    finally:
+        node.shutdown()
+        node.destroy_node()
+
+
+def test_frames_are_decoded_once_and_shared_across_windows(ctx):
+    """A frame recurs in 4 consecutive windows: it is decoded once and handed to the engine as the same
+    (read-only) array each time, not copied into a new [4, 4, H, W, 3] array per window."""
+    node = make_node(ctx, image_width=h.W, image_height=h.H)
+    try:
+        msgs = {}
+
+        def msg(c, s):
+            return msgs.setdefault((c, s), _jpeg_msg(c, s))
+
+        first = node._frames(_window(2_000_000, msg))
+        second = node._frames(_window(2_100_000, msg))
+        for c in range(4):
+            for k in range(3):  # frame k + 1 of the first window is frame k of the second
+                assert second[c][k] is first[c][k + 1]
+            assert not second[c][3].flags.writeable and second[c][3].shape == (h.H, h.W, 3)
+    finally:
+        node.shutdown()
+        node.destroy_node()

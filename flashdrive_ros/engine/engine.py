@@ -54,7 +54,7 @@ from .graphed import round_up
 from .history import encode_history, history_kwargs
 from .kv_cache import StaticKVCache
 from .loader import TINY_DIR, create_tiny, load_model, resolve_dtype
-from .preprocess import preprocess_images, tokens_per_image
+from .preprocess import FrameUploader, image_grid, preprocess_images, tokens_per_image
 from .prompt import PromptLayout, build_prompt, extract_reasoning
 from .rope import extend_positions, rope_index
 from .sampling import choose_next_token
@@ -136,18 +136,61 @@ class _Span:
 
 
 # --------------------------------------------------------------------------------- input checks
-def validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class WindowFrames:
+    """A window's 16 camera frames, held without copying: images[c][k] is camera c at t0 - (3 - k) * 0.1 s.
+
+    step() takes either one uint8 array [4, 4, H, W, 3] or nested sequences of [H, W, 3] arrays; the second
+    spares a caller that keeps decoded frames per camera (the drive node) assembling a 16-frame array per
+    window, of which a streaming step reads only the 4 newest.
+    """
+    images: tuple
+    height: int
+    width: int
+
+    def newest(self, k: int) -> list[np.ndarray]:
+        """The newest k frames of every camera, camera-major and oldest first; k = 0: all frames."""
+        return [im for cam in self.images for im in (cam[N_FRAMES - k:] if k else cam)]
+
+
+def as_window_frames(frames) -> WindowFrames:
+    """Check a window's frames (see WindowFrames); raise ValueError naming what is wrong."""
+    if isinstance(frames, WindowFrames):
+        return frames
+    n_cams = len(CAMERA_NAMES)
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [n_cams={n_cams}, {N_FRAMES}, H, W, 3], got shape {frames.shape}")
+    elif not isinstance(frames, (list, tuple)):
+        raise ValueError(f"frames must be a numpy array [{n_cams}, {N_FRAMES}, H, W, 3] or {n_cams} sequences of "
+                         f"{N_FRAMES} [H, W, 3] arrays, got {type(frames).__name__}")
+    if len(frames) != n_cams:
+        raise ValueError(f"frames has {len(frames)} cameras, expected {n_cams} {CAMERA_NAMES}")
+    shape = None
+    for c, cam in enumerate(frames):
+        if not isinstance(cam, (list, tuple, np.ndarray)):
+            raise ValueError(f"frames[{c}] must be a sequence of {N_FRAMES} frames, got {type(cam).__name__}")
+        if len(cam) != N_FRAMES:
+            raise ValueError(f"frames has {len(cam)} frames per camera (camera {c}), expected {N_FRAMES} (t0-0.3 s .. t0)")
+        for k, im in enumerate(cam):
+            if not isinstance(im, np.ndarray):
+                raise ValueError(f"frames[{c}][{k}] must be a numpy array, got {type(im).__name__}")
+            if im.dtype != np.uint8:
+                raise ValueError(f"frames must be uint8 RGB, got dtype {im.dtype} at [{c}][{k}]")
+            if im.ndim != 3 or im.shape[-1] != 3:
+                raise ValueError(f"frames[{c}][{k}] must be [H, W, 3] RGB, got shape {im.shape}")
+            shape = shape or im.shape
+            if im.shape != shape:
+                raise ValueError(f"frames[{c}][{k}] is {im.shape[1]}x{im.shape[0]}, frames[0][0] is "
+                                 f"{shape[1]}x{shape[0]}: all frames of a window must have one size")
+    return WindowFrames(tuple(tuple(cam) for cam in frames), int(shape[0]), int(shape[1]))
+
+
+def validate_inputs(frames, t0_us, ego_history_xyz, ego_history_rot) -> tuple[WindowFrames, int, np.ndarray, np.ndarray]:
     """Check the step() arguments; raise ValueError naming what is wrong."""
-    if not isinstance(frames, np.ndarray):
-        raise ValueError(f"frames must be a numpy array, got {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
-    if frames.ndim != 5 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be [n_cams={len(CAMERA_NAMES)}, {N_FRAMES}, H, W, 3], got shape {frames.shape}")
-    if frames.shape[0] != len(CAMERA_NAMES):
-        raise ValueError(f"frames has {frames.shape[0]} cameras, expected {len(CAMERA_NAMES)} {CAMERA_NAMES}")
-    if frames.shape[1] != N_FRAMES:
-        raise ValueError(f"frames has {frames.shape[1]} frames per camera, expected {N_FRAMES} (t0-0.3 s .. t0)")
+    frames = as_window_frames(frames)
     if isinstance(t0_us, bool) or not isinstance(t0_us, (int, np.integer)):
         raise ValueError(f"t0_us must be an integer number of microseconds, got {type(t0_us).__name__}")
     xyz = np.asarray(ego_history_xyz, dtype=np.float64)
@@ -252,6 +295,7 @@ class DriveEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._fast = None
         self._noise_host: torch.Tensor | None = None  # pinned staging buffer of the flow noise (CUDA)
+        self._uploader = FrameUploader(self.device)  # camera frames go up through reused pinned memory
         if self.cuda_graphs:
             from . import graphs
             from .graphed import GraphedStages
@@ -387,7 +431,7 @@ class DriveEngine:
 
     # ------------------------------------------------------------------ public building blocks
     @torch.no_grad()
-    def prefill(self, frames: np.ndarray, t0_us: int, hist_xyz: np.ndarray,
+    def prefill(self, frames, t0_us: int, hist_xyz: np.ndarray,
                 timer: StageTimer | None = None) -> tuple[torch.Tensor, PromptLayout, int]:
         """Preprocess + encode + prefill one window (streaming when the stream continues, else full).
 
@@ -397,7 +441,8 @@ class DriveEngine:
         shift by one is the caller's: call `shift()` after the window is done.
         """
         timer = timer or StageTimer(self.device)
-        h, w = frames.shape[2:4]
+        frames = as_window_frames(frames)
+        h, w = frames.height, frames.width
         with timer.stage("preprocess"):
             n_img_tok = tokens_per_image(h, w, self.cfg.min_pixels, self.cfg.max_pixels,
                                          self.cfg.vision.patch_size, self.cfg.vision.spatial_merge_size)
@@ -411,22 +456,26 @@ class DriveEngine:
                 except LayoutChanged:
                     stream = 0  # token count changed: the frozen slots are invalid -> full prefill
             # newest k frames per view, view-major and oldest first: the order of new_frame_slots(k)
-            images = frames[:, N_FRAMES - stream:] if stream else frames
-            images = images.reshape(-1, *frames.shape[2:])
+            images = frames.newest(stream)
             pixels, grid_thw = preprocess_images(images, self.cfg.min_pixels, self.cfg.max_pixels,
                                                  self.cfg.vision.patch_size, self.cfg.vision.temporal_patch_size,
-                                                 self.cfg.vision.spatial_merge_size, device=self.device)
-            ids = ids.to(self.device)
+                                                 self.cfg.vision.spatial_merge_size, device=self.device,
+                                                 uploader=self._uploader)
+            # the same grid on the host: reading the device copy back would wait for the upload
+            grid_cpu = torch.tensor([image_grid(h, w, self.cfg.min_pixels, self.cfg.max_pixels,
+                                                self.cfg.vision.patch_size, self.cfg.vision.spatial_merge_size)]
+                                    * len(images), dtype=torch.long)
+            ids = ids.to(self.device, non_blocking=True)
         with timer.stage("encode"):
             if self._fast is not None:
-                feats = self._fast.encode(pixels, grid_thw)
+                feats = self._fast.encode(pixels, grid_cpu)
             else:
                 feats = self.model.encode_images(pixels, grid_thw.to(self.device))
         with timer.stage("prefill"):
             if stream:
                 last_hidden = self._streaming_prefill(ids, feats, stream)
             else:
-                last_hidden = self._full_prefill(ids, playout, feats, grid_thw)
+                last_hidden = self._full_prefill(ids, playout, feats, grid_cpu)
             # the fast path's prefill graphs end with the logits already
             logits = last_hidden if self._fast is not None else self.model.logits(last_hidden)
         return logits, playout, stream

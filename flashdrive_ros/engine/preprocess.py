@@ -11,10 +11,12 @@ smart_resize(height, width, factor=32, min_pixels, max_pixels) -> (h, w)
 image_grid(height, width, min_pixels, max_pixels, patch_size=16, merge_size=2) -> (1, gh, gw)
 tokens_per_image(height, width, min_pixels, max_pixels, ...) -> gh * gw / merge^2   (180 real, 28 tiny)
 preprocess_images(images, min_pixels, max_pixels, ...) -> (pixel_values [N_patches, 3*2*16*16], grid_thw [N, 3])
+FrameUploader(device)(images) -> uint8 [N, H, W, 3] on the device (pinned staging on CUDA)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -97,21 +99,79 @@ def _resize_uint8_levels(x: torch.Tensor, h: int, w: int, native_uint8: bool | N
     return x.clamp(0, 255).round()
 
 
+class FrameUploader:
+    """Same-size uint8 RGB images (a list of [H, W, 3] arrays) -> one uint8 [N, H, W, 3] tensor on `device`.
+
+    Camera frames at 1920x1080 are 6.2 MB each. From pageable numpy memory the copy to a GPU runs through the
+    driver's own bounce buffers and blocks the host; here each image is copied once into a reused pinned
+    buffer and its DMA is queued at once, so the host copy of image i+1 overlaps the transfer of image i, and
+    no [N, H, W, 3] array is ever assembled on the host. The device buffer is reused too: its consumers run on
+    the same stream, so the next upload is ordered after them. Off CUDA it is one np.stack.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._host: torch.Tensor | None = None
+        self._dev: torch.Tensor | None = None
+        self._uploaded = None  # CUDA event: the last transfer has left the pinned buffer
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        if not images:
+            raise ValueError("no images to upload")
+        shape = (len(images), *np.shape(images[0]))
+        for i, im in enumerate(images):
+            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != shape[1:] or len(shape) != 4 \
+                    or shape[-1] != 3:
+                raise ValueError(f"image {i}: expected uint8 numpy [{', '.join(map(str, shape[1:]))}] like image 0 "
+                                 f"(RGB, channels last), got {type(im).__name__} "
+                                 f"{getattr(im, 'dtype', '')} {tuple(np.shape(im))}")
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.stack(images)).to(self.device)
+        if self._host is None or tuple(self._host.shape) != shape:
+            self._host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            self._dev = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        elif self._uploaded is not None:
+            self._uploaded.synchronize()  # never overwrite pinned memory a queued DMA still reads
+        host = self._host.numpy()
+        for i, im in enumerate(images):
+            np.copyto(host[i], im)
+            self._dev[i].copy_(self._host[i], non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        return self._dev
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constants(mean: tuple, std: tuple, grid: tuple, device: torch.device):
+    """mean, std [1, C, 1, 1] float32 and grid_thw [N, 3] int64 on `device`, made once: a fresh small tensor
+    per call would be a synchronous host-to-device copy each step."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean_t, std_t, torch.tensor(grid, dtype=torch.long, device=device)
+
+
 def preprocess_images(images, min_pixels: int, max_pixels: int, patch_size: int = 16,
                       temporal_patch_size: int = 2, merge_size: int = 2,
                       mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                       device: torch.device | str | None = None,
-                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                      dtype: torch.dtype = torch.float32,
+                      uploader: FrameUploader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames -> (pixel_values [N * gh * gw, 3 * T * p * p], grid_thw int64 [N, 3]).
 
     images: uint8 RGB, [N, H, W, 3] or [H, W, 3] (numpy or torch, any device), or a list of such
             arrays (sizes may differ; results are concatenated in order).
     device: where to compute (default: the input's device). Output dtype `dtype`.
+    uploader: a FrameUploader for `device`; with it a list of same-size [H, W, 3] numpy images goes up
+            as one batch without being stacked on the host first (the engine's path).
     Image order is kept: for Alpamayo pass camera-major, time-minor frames.
     """
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty list")
+        if uploader is not None:
+            batch = uploader(images)
+            return preprocess_images(batch, min_pixels, max_pixels, patch_size, temporal_patch_size, merge_size,
+                                     mean, std, device, dtype)
         parts = [preprocess_images(im, min_pixels, max_pixels, patch_size, temporal_patch_size, merge_size,
                                    mean, std, device, dtype) for im in images]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -123,16 +183,16 @@ def preprocess_images(images, min_pixels: int, max_pixels: int, patch_size: int 
     h, w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
 
     x = _resize_uint8_levels(batch.permute(0, 3, 1, 2), h, w)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    gh, gw = h // patch_size, w // patch_size
+    mean_t, std_t, grid_thw = _device_constants(tuple(map(float, mean)), tuple(map(float, std)),
+                                                ((1, gh, gw),) * n, x.device)
     x = (x * (1.0 / 255.0) - mean_t) / std_t
 
     # A still image fills the temporal patch by repetition.
-    gh, gw, m, p, t = h // patch_size, w // patch_size, merge_size, patch_size, temporal_patch_size
+    m, p, t = merge_size, patch_size, temporal_patch_size
     x = x.unsqueeze(1).expand(n, t, channels, h, w)
     # [n, t, c, gh/m, m, p, gw/m, m, p] -> rows (n, gh/m, gw/m, m, m), columns (c, t, p, p)
     x = x.reshape(n, t, channels, gh // m, m, p, gw // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     pixel_values = x.reshape(n * gh * gw, channels * t * p * p).to(dtype)
-    grid_thw = torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=x.device)
     return pixel_values, grid_thw

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
@@ -52,6 +53,16 @@ except ImportError:  # messages built before ClipBoundary existed: stamps still 
 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _decode_or_error(msg):
+    """decode_image_msg for a pool thread: a decode failure comes back as the value, not raised."""
+    try:
+        img = decode_image_msg(msg)
+    except ImageDecodeError as e:
+        return e
+    img.flags.writeable = False  # shared by the 4 windows it appears in; nobody may change it
+    return img
 
 
 def default_engine_factory(model: str, **kwargs):
@@ -94,6 +105,8 @@ class DriveNode(Node):
         self._reset_reasons: list[str] = []
         self._stop = False
         self._decoded: OrderedDict = OrderedDict()   # (cam, stamp) -> RGB, frames recur in 4 windows
+        self._decode_pool = (ThreadPoolExecutor(p.decode_threads, thread_name_prefix="drive_decode")
+                             if p.decode_threads > 1 else None)
         # status shown on /diagnostics
         self.engine = None
         self.model_state = "loading"                 # loading | loaded | failed
@@ -304,55 +317,76 @@ class DriveNode(Node):
             raise InputRejected(f"stale: t0 is {(now_ns // 1000 - t0) / 1000:.0f} ms old "
                                 f"(max_frame_age_ms {max_age:.0f})")
 
-    def _frames(self, win: Window) -> np.ndarray:
-        """Decode the window into uint8 [4, 4, H, W, 3]; every frame must have the expected size."""
+    def _frames(self, win: Window) -> list:
+        """Decode the window into 4 lists (cameras) of 4 uint8 [H, W, 3] frames, oldest first; every frame
+        must have the expected size. Frames are shared, not copied: each recurs in 4 windows, and a
+        streaming step reads only the newest of each camera."""
         p = self.params
         if not win.ok:
             names = ", ".join(CAMERA_NAMES[c] for c in win.missing)
             raise InputRejected(f"no frame within {p.sync_tolerance_ms:.0f} ms for {names} "
                                 f"(missing_camera_policy={p.missing_camera_policy})")
+        n = len(win.frames[0])
+        decoded = self._decode_all(win)
         hw = (p.image_height, p.image_width) if p.image_width and p.image_height else None
         a = p.anchor_camera
         if hw is None and win.frames[a][-1] is not None:  # the anchor's t0 frame sets this window's size
-            try:
-                hw = self._decode(a, win.stamps_us[a][-1], win.frames[a][-1], None).shape[:2]
-            except ImageDecodeError as e:
-                raise ImageDecodeError(f"{CAMERA_NAMES[a]} frame at {win.stamps_us[a][-1]} us: {e}") from e
+            img = decoded[a][-1]
+            if isinstance(img, ImageDecodeError):
+                raise ImageDecodeError(f"{CAMERA_NAMES[a]} frame at {win.stamps_us[a][-1]} us: {img}") from img
+            hw = img.shape[:2]
         if hw is None:
             raise InputRejected("image size unknown: set image_width/image_height with the 'black' policy")
-        n = len(win.frames[0])
-        out = np.zeros((4, n, hw[0], hw[1], 3), dtype=np.uint8)
+        black = np.zeros((hw[0], hw[1], 3), dtype=np.uint8)
+        black.flags.writeable = False  # shared by every missing frame of the window
+        out = []
         for c, cam_frames in enumerate(win.frames):
+            cam_out = [black] * n
             for k in range(n - 1, -1, -1):  # newest first, so a bad older frame can repeat a newer one
-                msg = cam_frames[k]
-                if msg is None:       # 'black' policy: leave zeros
+                if cam_frames[k] is None:     # 'black' policy: leave zeros
                     continue
-                try:
-                    out[c, k] = self._decode(c, win.stamps_us[c][k], msg, hw)
-                except ImageDecodeError as e:
-                    where = f"{CAMERA_NAMES[c]} frame at {win.stamps_us[c][k]} us: {e}"
+                img = decoded[c][k]
+                if not isinstance(img, ImageDecodeError) and img.shape[:2] != tuple(hw):
+                    img = ImageDecodeError(f"wrong image size {img.shape[1]}x{img.shape[0]}, "
+                                           f"expected {hw[1]}x{hw[0]}")
+                if isinstance(img, ImageDecodeError):
+                    where = f"{CAMERA_NAMES[c]} frame at {win.stamps_us[c][k]} us: {img}"
                     if k == n - 1:    # the t0 frame itself is unusable: skip the window
-                        raise ImageDecodeError(where) from e
-                    out[c, k] = out[c, k + 1]
+                        raise ImageDecodeError(where) from img
+                    img = cam_out[k + 1]
                     with self._lock:
                         self.stats["bad_frames_repeated"] += 1
                         self._problem(WARN, f"{where} (repeating the next newer frame)", win.t0_us, "frame")
+                cam_out[k] = img
+            out.append(cam_out)
         return out
 
-    def _decode(self, cam: int, stamp: int, msg, hw) -> np.ndarray:
-        key = (cam, stamp)
-        hit = self._decoded.get(key)
-        # same message object, not just the same stamp: after a loop or clock reset stamps recur
-        if hit is not None and hit[0] is msg:
-            img = hit[1]
+    def _decode_all(self, win: Window) -> list:
+        """Every frame of the window decoded (or the ImageDecodeError it raised), [camera][k]; frames not
+        seen before are decoded in parallel on the decode pool (at most 4 new ones per streaming window)."""
+        todo = {}
+        decoded = [[None] * len(cam) for cam in win.frames]
+        for c, cam_frames in enumerate(win.frames):
+            for k, msg in enumerate(cam_frames):
+                if msg is None:
+                    continue
+                hit = self._decoded.get((c, win.stamps_us[c][k]))
+                # same message object, not just the same stamp: after a loop or clock reset stamps recur
+                if hit is not None and hit[0] is msg:
+                    decoded[c][k] = hit[1]
+                else:
+                    todo[(c, k)] = msg
+        if self._decode_pool is not None and len(todo) > 1:
+            results = self._decode_pool.map(_decode_or_error, todo.values())
         else:
-            img = decode_image_msg(msg)
-            self._decoded[key] = (msg, img)
-            while len(self._decoded) > 40:   # 4 cameras x (4 frames + slack)
-                self._decoded.popitem(last=False)
-        if hw is not None and img.shape[:2] != tuple(hw):
-            raise ImageDecodeError(f"wrong image size {img.shape[1]}x{img.shape[0]}, expected {hw[1]}x{hw[0]}")
-        return img
+            results = map(_decode_or_error, todo.values())
+        for (c, k), msg, img in zip(todo, todo.values(), results):
+            decoded[c][k] = img
+            if not isinstance(img, ImageDecodeError):
+                self._decoded[(c, win.stamps_us[c][k])] = (msg, img)
+        while len(self._decoded) > 40:   # 4 cameras x (4 frames + slack)
+            self._decoded.popitem(last=False)
+        return decoded
 
     # ------------------------------------------------------------------ status
     def _problem(self, level: int, text: str, t0: int, kind: str) -> None:  # caller holds the lock (or worker)
@@ -420,6 +454,8 @@ class DriveNode(Node):
             self._wake.notify()
         # let a running step finish: tearing rclpy/torch down under a busy worker thread aborts the process
         self._worker.join(timeout=60.0)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def main(argv=None) -> int:
