@@ -70,3 +70,19 @@ def test_bench_cli_tiny_cpu_with_a_draft_vocabulary(tmp_path):
 
     assert torch.equal(pipe._draft_greedy(h), G.greedy_token(keep, pipe.banned))
     assert pipe._draft_head().padded_weight.shape[0] == 1024
+
+
+def test_host_path_benchmark_runs_and_checks_both_paths_agree(tmp_path, capsys):
+    """`python -m flashdrive_ros.bench.host` at a small size: every piece timed, the pooled decode equal to the
+    serial one and the list + uploader preprocess equal to the array path (it asserts both itself)."""
+    import json
+
+    from flashdrive_ros.bench import host
+
+    out = tmp_path / "host.json"
+    assert host.main(["--device", "cpu", "--height", "108", "--width", "192", "--repeats", "2", "--threads", "2",
+                      "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["image"] == "192x108" and len(res["rows"]) == 6
+    assert all(v["median_ms"] >= 0 for v in res["rows"].values())
+    assert "| decode 4 new frames: 2 threads |" in capsys.readouterr().out
