@@ -113,7 +113,7 @@ def test_uploader_batch_equals_the_stacked_array():
 
 @pytest.mark.parametrize("images, message", [
     ([], "no images"),
-    ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], r"image 1: expected uint8 numpy \[8, 8, 3\]"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], r"image 1: expected uint8 \[8, 8, 3\]"),
     ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)], "image 1: .* float32"),
     ([np.zeros((8, 8), np.uint8)], "image 0: .*channels last"),
 ])
@@ -122,3 +122,17 @@ def test_uploader_rejects_what_it_cannot_batch(images, message):
 
     with pytest.raises(ValueError, match=message):
         FrameUploader("cpu")(images)
+
+
+def test_uploader_takes_frames_already_in_torch():
+    """Frames decoded to torch tensors (on the GPU in the node, here on the CPU), also channel-first views
+    permuted back to [H, W, 3] as nvJPEG gives them, batch like the numpy frames."""
+    from flashdrive_ros.engine.preprocess import FrameUploader
+
+    images = [_camera_like_image(64, 96, seed) for seed in range(3)]
+    as_torch = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).permute(1, 2, 0) for im in images]
+    mixed = [as_torch[0], images[1], as_torch[2]]
+    up = FrameUploader("cpu")
+    assert torch.equal(up(mixed), torch.from_numpy(np.stack(images)))
+    with pytest.raises(ValueError, match="image 1"):
+        up([as_torch[0], as_torch[1].float()])

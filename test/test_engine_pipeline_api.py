@@ -188,7 +188,7 @@ def test_streaming_step_reads_only_the_newest_frame_of_each_camera(parts):
     (lambda n: [[im.astype(np.float32) for im in cam] for cam in n], r"uint8 RGB, got dtype float32 at \[0\]\[0\]"),
     (lambda n: [n[0][:3] + [n[0][3][:64]]] + n[1:], r"frames\[0\]\[3\] is 128x64, frames\[0\]\[0\] is 128x128"),
     (lambda n: [n[0], n[1], n[2], n[3][:3] + [n[3][3][..., :1]]], r"frames\[3\]\[3\] must be \[H, W, 3\] RGB"),
-    (lambda n: [n[0], n[1], [None] * 4, n[3]], r"frames\[2\]\[0\] must be a numpy array, got NoneType"),
+    (lambda n: [n[0], n[1], [None] * 4, n[3]], r"frames\[2\]\[0\] must be a numpy array or torch tensor, got NoneType"),
     (lambda n: [n[0], 7, n[2], n[3]], r"frames\[1\] must be a sequence of 4 frames, got int"),
     (lambda n: {"front": n}, "got dict"),
 ])
@@ -197,3 +197,13 @@ def test_bad_nested_frames_raise_clear_errors(parts, change, message):
     frames, t0, xyz, rot = inputs()
     with pytest.raises(ValueError, match=message):
         eng.step(change(_nested(frames)), t0, xyz, rot)
+
+
+def test_frames_may_be_torch_tensors(parts):
+    """Frames decoded straight to torch tensors (the node's nvJPEG path) are the same input as numpy frames."""
+    frames, t0, xyz, rot = inputs(0)
+    ra = make_engine(parts).step(frames, t0, xyz, rot)
+    nested = [[torch.from_numpy(frames[c, k].copy()) for k in range(4)] for c in range(4)]
+    rb = make_engine(parts).step(nested, t0, xyz, rot)
+    assert ra.token_ids == rb.token_ids
+    np.testing.assert_array_equal(ra.xyz, rb.xyz)

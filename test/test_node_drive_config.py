@@ -136,3 +136,43 @@ def test_frames_are_decoded_once_and_shared_across_windows(ctx):
     finally:
         node.shutdown()
         node.destroy_node()
+
+
+def test_nvjpeg_decoder_unavailable_falls_back_to_pillow_with_a_warning(ctx):
+    """jpeg_decoder 'nvjpeg' where it cannot run (no torchvision, or a CPU engine): a warning on /diagnostics
+    saying why, and the frames decode on the host as before."""
+    import time
+    node = make_node(ctx, jpeg_decoder="nvjpeg")
+    try:
+        deadline = time.monotonic() + 30
+        while node.model_state != "loaded" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.model_state == "loaded"
+        assert node._gpu_decoder is None
+        assert "decoding JPEG frames with Pillow" in node.last_error
+        assert "torchvision" in node.last_error or "CUDA" in node.last_error
+        win = _window(2_000_000, _jpeg_msg)
+        assert all(isinstance(im, np.ndarray) for cam in node._frames(win) for im in cam)
+    finally:
+        node.shutdown()
+        node.destroy_node()
+
+
+def test_nvjpeg_frames_reach_the_engine_as_device_tensors(ctx):
+    """With the GPU decoder (a stand-in here) the JPEG frames of a window are decoded as one batch, cached like
+    host frames, and handed over as [H, W, 3] uint8 tensors."""
+    import torch
+    from test_node_image_decode import _nvjpeg_decoder
+    node = make_node(ctx, image_width=h.W, image_height=h.H)
+    try:
+        node._gpu_decoder = _nvjpeg_decoder()
+        msgs = {}
+        first = node._frames(_window(2_000_000, lambda c, s: msgs.setdefault((c, s), _jpeg_msg(c, s))))
+        second = node._frames(_window(2_100_000, lambda c, s: msgs.setdefault((c, s), _jpeg_msg(c, s))))
+        assert node._gpu_decoder._decode_jpeg.batches == [16, 4]  # every frame once; then the 4 new ones
+        assert all(isinstance(im, torch.Tensor) and tuple(im.shape) == (h.H, h.W, 3) for cam in second for im in cam)
+        assert all(second[c][k] is first[c][k + 1] for c in range(4) for k in range(3))
+        h.KinematicEngine().step(second, 2_100_000, np.zeros((16, 3)), np.tile(np.eye(3), (16, 1, 1)))
+    finally:
+        node.shutdown()
+        node.destroy_node()

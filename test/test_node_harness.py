@@ -101,8 +101,9 @@ class KinematicEngine:
     def step(self, frames, t0_us, ego_history_xyz, ego_history_rot):
         # the node hands over 4 lists of 4 decoded [H, W, 3] frames (DriveEngine.step takes those too)
         assert len(frames) == 4 and all(len(cam) == 4 for cam in frames)
-        assert all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3 for cam in frames for im in cam)
-        assert len({im.shape for cam in frames for im in cam}) == 1
+        assert all(str(im.dtype) in ("uint8", "torch.uint8") and im.ndim == 3 and im.shape[-1] == 3
+                   for cam in frames for im in cam)
+        assert len({tuple(im.shape) for cam in frames for im in cam}) == 1
         assert ego_history_xyz.shape == (16, 3) and ego_history_rot.shape == (16, 3, 3)
         t = time.perf_counter()
         v = (ego_history_xyz[-1] - ego_history_xyz[-2]) / 0.1

@@ -7,7 +7,8 @@ camera-like JPEGs (no model needed):
 
 - decode: the 4 new frames of a streaming window (the 12 older ones are cached), one after the other in the
   worker, against a pool of `--threads` threads (what `decode_threads` does in the node); on CUDA with
-  torchvision also its nvJPEG decode on the GPU, for comparison (the node does not use it);
+  torchvision also the nvJPEG decode on the GPU (the node's `jpeg_decoder: nvjpeg`), then the preprocess of
+  those frames, which are on the device already;
 - assemble: copying the 16 decoded frames into one [4, 4, H, W, 3] array, against handing the engine 4 lists
   of the same arrays (no copy);
 - upload + preprocess: the 4 frames a streaming step reads, sliced from that array and sent from pageable
@@ -35,7 +36,9 @@ import torch
 
 from flashdrive_ros.bench.timing import percentile
 from flashdrive_ros.engine.preprocess import FrameUploader, preprocess_images
-from flashdrive_ros.nodes.image_decode import decode_compressed
+from types import SimpleNamespace
+
+from flashdrive_ros.nodes.image_decode import NvJpegDecoder, decode_compressed
 
 REAL_PIXELS = dict(min_pixels=163840, max_pixels=196608)  # Alpamayo's limits: 1920x1080 -> 576x320
 
@@ -67,17 +70,14 @@ def _timed(fn, repeats: int, device: torch.device) -> tuple[list[float], object]
     return times, out
 
 
-def _nvjpeg_row(jpegs: list[bytes], repeats: int, device: torch.device) -> list[float] | None:
-    """Times torchvision's GPU JPEG decode of the same frames, where torchvision and CUDA exist."""
+def _nvjpeg_decoder(device: torch.device):
+    """The node's jpeg_decoder 'nvjpeg' (torchvision on CUDA), or None where it cannot run."""
     if device.type != "cuda":
         return None
     try:
-        from torchvision.io import decode_jpeg
-    except ImportError:
+        return NvJpegDecoder(str(device))
+    except RuntimeError:
         return None
-    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-    times, _ = _timed(lambda: decode_jpeg(data, device=device), repeats, device)
-    return times
 
 
 def run(height: int, width: int, device: torch.device, repeats: int, threads: int) -> dict:
@@ -90,9 +90,13 @@ def run(height: int, width: int, device: torch.device, repeats: int, threads: in
         lambda: list(pool.map(decode_compressed, jpegs)), repeats, device)
     pool.shutdown()
     assert all(np.array_equal(a, b) for a, b in zip(decoded, pooled))
-    gpu_decode = _nvjpeg_row(jpegs, repeats, device)
-    if gpu_decode is not None:  # for comparison only: the node decodes on the host
-        rows["decode 4 new frames: nvJPEG on the GPU (torchvision, batched)"] = gpu_decode
+    nvjpeg, on_device = _nvjpeg_decoder(device), None
+    if nvjpeg is not None:  # the node's jpeg_decoder 'nvjpeg'
+        msgs = [SimpleNamespace(format="jpeg", data=j) for j in jpegs]
+        rows["decode 4 new frames: nvJPEG on the GPU (jpeg_decoder 'nvjpeg')"], on_device = _timed(
+            lambda: nvjpeg.decode_many(msgs), repeats, device)
+        nvjpeg_vs_pillow = max(int((t.cpu().int() - torch.from_numpy(d).int()).abs().max())
+                               for t, d in zip(on_device, decoded))
     # a window: frame k of camera c; the newest frame of each camera is one of the 4 decoded ones
     window = [[decoded[(c + k) % 4] for k in range(4)] for c in range(4)]
 
@@ -118,6 +122,10 @@ def run(height: int, width: int, device: torch.device, repeats: int, threads: in
     rows["upload + preprocess: array slice, pageable"], a = _timed(old_preprocess, repeats, device)
     rows["upload + preprocess: list, pinned uploader"], b = _timed(new_preprocess, repeats, device)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1].cpu(), b[1].cpu())
+    if on_device is not None:
+        rows["preprocess: nvJPEG frames (on the device already)"], _ = _timed(
+            lambda: preprocess_images(list(on_device), **REAL_PIXELS, device=device, uploader=uploader),
+            repeats, device)
     summary = {name: {"median_ms": round(statistics.median(t), 3), "p90_ms": round(percentile(t, 90), 3)}
                for name, t in rows.items()}
     old = sum(summary[k]["median_ms"] for k in ("decode 4 new frames: serial", "assemble [4, 4, H, W, 3]",
@@ -125,7 +133,14 @@ def run(height: int, width: int, device: torch.device, repeats: int, threads: in
     new = sum(summary[k]["median_ms"] for k in (f"decode 4 new frames: {threads} threads",
                                                  "hand over 4 lists (no copy)",
                                                  "upload + preprocess: list, pinned uploader"))
+    extra = {}
+    if on_device is not None:
+        extra["total_nvjpeg_ms"] = round(sum(summary[k]["median_ms"] for k in (
+            "decode 4 new frames: nvJPEG on the GPU (jpeg_decoder 'nvjpeg')", "hand over 4 lists (no copy)",
+            "preprocess: nvJPEG frames (on the device already)")), 3)
+        extra["nvjpeg_max_abs_diff_to_pillow_levels"] = nvjpeg_vs_pillow
     return {
+        **extra,
         "image": f"{width}x{height}", "jpeg_bytes": [len(j) for j in jpegs], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "threads": threads, "repeats": repeats, "torch": torch.__version__,
@@ -151,6 +166,10 @@ def to_markdown(res: dict) -> str:
     lines += [f"| {name} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |" for name, v in res["rows"].items()]
     lines += ["", f"before (serial decode + assemble + pageable upload): {res['total_before_ms']:.2f} ms; "
                   f"after ({res['threads']} decode threads + lists + pinned uploader): {res['total_after_ms']:.2f} ms"]
+    if "total_nvjpeg_ms" in res:
+        lines += [f"with jpeg_decoder 'nvjpeg' (GPU decode + lists + preprocess on the device): "
+                  f"{res['total_nvjpeg_ms']:.2f} ms; nvJPEG pixels differ from Pillow's by at most "
+                  f"{res['nvjpeg_max_abs_diff_to_pillow_levels']} levels"]
     return "\n".join(lines)
 
 

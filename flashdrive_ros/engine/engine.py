@@ -140,9 +140,10 @@ class _Span:
 class WindowFrames:
     """A window's 16 camera frames, held without copying: images[c][k] is camera c at t0 - (3 - k) * 0.1 s.
 
-    step() takes either one uint8 array [4, 4, H, W, 3] or nested sequences of [H, W, 3] arrays; the second
-    spares a caller that keeps decoded frames per camera (the drive node) assembling a 16-frame array per
-    window, of which a streaming step reads only the 4 newest.
+    step() takes either one uint8 array [4, 4, H, W, 3] or nested sequences of [H, W, 3] uint8 numpy arrays or
+    torch tensors (frames decoded on the GPU stay there); the second spares a caller that keeps decoded
+    frames per camera (the drive node) assembling a 16-frame array per window, of which a streaming step
+    reads only the 4 newest.
     """
     images: tuple
     height: int
@@ -175,14 +176,14 @@ def as_window_frames(frames) -> WindowFrames:
         if len(cam) != N_FRAMES:
             raise ValueError(f"frames has {len(cam)} frames per camera (camera {c}), expected {N_FRAMES} (t0-0.3 s .. t0)")
         for k, im in enumerate(cam):
-            if not isinstance(im, np.ndarray):
-                raise ValueError(f"frames[{c}][{k}] must be a numpy array, got {type(im).__name__}")
-            if im.dtype != np.uint8:
+            if not isinstance(im, (np.ndarray, torch.Tensor)):
+                raise ValueError(f"frames[{c}][{k}] must be a numpy array or torch tensor, got {type(im).__name__}")
+            if im.dtype not in (np.uint8, torch.uint8):
                 raise ValueError(f"frames must be uint8 RGB, got dtype {im.dtype} at [{c}][{k}]")
             if im.ndim != 3 or im.shape[-1] != 3:
                 raise ValueError(f"frames[{c}][{k}] must be [H, W, 3] RGB, got shape {im.shape}")
-            shape = shape or im.shape
-            if im.shape != shape:
+            shape = shape or tuple(im.shape)
+            if tuple(im.shape) != shape:
                 raise ValueError(f"frames[{c}][{k}] is {im.shape[1]}x{im.shape[0]}, frames[0][0] is "
                                  f"{shape[1]}x{shape[0]}: all frames of a window must have one size")
     return WindowFrames(tuple(tuple(cam) for cam in frames), int(shape[0]), int(shape[1]))

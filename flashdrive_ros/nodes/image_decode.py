@@ -33,11 +33,9 @@ def _check_size(img: np.ndarray, expected_hw: Optional[tuple]) -> np.ndarray:
     return img
 
 
-def decode_compressed(data, fmt: str = "", expected_hw: Optional[tuple] = None) -> np.ndarray:
-    """JPEG or PNG bytes -> RGB uint8. The container is recognised by its magic bytes (the ``format``
-    string of image_transport varies: "jpeg", "png", "rgb8; jpeg compressed bgr8"); a format naming
-    something else than what the bytes are is an error."""
-    buf = bytes(data)
+def compressed_kind(buf: bytes, fmt: str = "") -> str:
+    """'jpeg' or 'png', from the magic bytes (the ``format`` string of image_transport varies: "jpeg", "png",
+    "rgb8; jpeg compressed bgr8"); a format naming something else than what the bytes are is an error."""
     if buf[:3] == b"\xff\xd8\xff":
         kind = "jpeg"
     elif buf[:8] == b"\x89PNG\r\n\x1a\n":
@@ -51,6 +49,13 @@ def decode_compressed(data, fmt: str = "", expected_hw: Optional[tuple] = None) 
         raise ImageDecodeError(f"format {fmt!r} but the data is JPEG")
     if f and kind == "png" and "png" not in f:
         raise ImageDecodeError(f"format {fmt!r} but the data is PNG")
+    return kind
+
+
+def decode_compressed(data, fmt: str = "", expected_hw: Optional[tuple] = None) -> np.ndarray:
+    """JPEG or PNG bytes -> RGB uint8 (see compressed_kind for what is accepted)."""
+    buf = bytes(data)
+    kind = compressed_kind(buf, fmt)
     from PIL import Image  # local import: Pillow is only needed for compressed transport
 
     try:
@@ -100,3 +105,77 @@ def decode_image_msg(msg, expected_hw: Optional[tuple] = None) -> np.ndarray:
     if hasattr(msg, "format"):
         return decode_compressed(msg.data, msg.format, expected_hw)
     return decode_raw(msg.data, msg.width, msg.height, msg.step, msg.encoding, expected_hw)
+
+
+class NvJpegDecoder:
+    """JPEG messages -> RGB uint8 [H, W, 3] torch tensors on a CUDA device, decoded as one batch by nvJPEG
+    (torchvision.io.decode_jpeg): at 1920x1080 four frames take ~1.7 ms on an H100 against ~28 ms for
+    Pillow on four host threads (`python -m flashdrive_ros.bench.host`). The frames then go to the engine
+    without a host-to-device copy of their pixels.
+
+    The container, the format string and the size limit are checked on the host first (Pillow reads only
+    the header). A frame nvJPEG cannot decode (a rare JPEG flavour, or corrupt data) is decoded by Pillow
+    instead, so no frame is lost that the host path would keep; corrupt data is then an ImageDecodeError.
+    """
+
+    def __init__(self, device: str):
+        import torch
+
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError as e:
+            raise RuntimeError(f"jpeg_decoder 'nvjpeg' needs torchvision ({e})") from e
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"jpeg_decoder 'nvjpeg' needs a CUDA device, the engine runs on '{device}'")
+        self._torch, self._decode_jpeg, self._rgb = torch, decode_jpeg, ImageReadMode.RGB
+
+    @staticmethod
+    def handles(msg) -> bool:
+        """Compressed messages whose bytes are JPEG (PNG and raw images stay on the host decoder)."""
+        return hasattr(msg, "format") and bytes(msg.data[:3]) == b"\xff\xd8\xff"
+
+    def decode_many(self, msgs: list) -> list:
+        """One result per message: a [H, W, 3] uint8 tensor on the device, or the ImageDecodeError it raised."""
+        from PIL import Image
+
+        results: list = [None] * len(msgs)
+        gpu, host = [], []  # indices decoded by nvJPEG / by Pillow
+        for i, msg in enumerate(msgs):
+            buf = bytes(msg.data)
+            try:
+                compressed_kind(buf, msg.format)
+                with Image.open(io.BytesIO(buf)) as im:  # the header only
+                    if im.width * im.height > MAX_PIXELS:
+                        raise ImageDecodeError(f"jpeg too large: {im.width}x{im.height}")
+            except ImageDecodeError as e:
+                results[i] = e
+                continue
+            except Exception as e:  # Pillow cannot even read the header
+                results[i] = ImageDecodeError(f"corrupt jpeg: {e}")
+                continue
+            # no end-of-image marker (truncated?): Pillow decides, it raises on truncation
+            (gpu if buf.rstrip(b"\0")[-2:] == b"\xff\xd9" else host).append(i)
+        if gpu:
+            data = [self._torch.frombuffer(bytearray(bytes(msgs[i].data)), dtype=self._torch.uint8) for i in gpu]
+            try:
+                decoded = list(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+            except RuntimeError:  # one bad frame fails the batch: decode one by one to find it
+                decoded = [self._one(d) for d in data]
+            for i, img in zip(gpu, decoded):
+                if img is None:
+                    host.append(i)  # nvJPEG refused it: the host decoder decides
+                else:
+                    results[i] = img.permute(1, 2, 0)  # CHW -> HWC, a view
+        for i in host:
+            try:
+                results[i] = self._torch.from_numpy(decode_compressed(msgs[i].data, "jpeg")).to(self.device)
+            except ImageDecodeError as e:
+                results[i] = e
+        return results
+
+    def _one(self, data):
+        try:
+            return self._decode_jpeg(data, mode=self._rgb, device=self.device)
+        except RuntimeError:
+            return None
