@@ -47,7 +47,8 @@ def main():
         steps = [eng.step(frames(i), 1_700_000 + i * 100_000, hist, rot) for i in range(args.windows)]
         results[name] = steps
     ref = results["array [4, 4, H, W, 3]"]
-    out = {"device": torch.cuda.get_device_name(args.device), "image": f"{args.width}x{args.height}",
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    out = {"device": name, "image": f"{args.width}x{args.height}",
            "windows": args.windows, "ways": {}}
     for name, steps in results.items():
         out["ways"][name] = {
