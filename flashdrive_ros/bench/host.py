@@ -95,8 +95,8 @@ def run(height: int, width: int, device: torch.device, repeats: int, threads: in
         msgs = [SimpleNamespace(format="jpeg", data=j) for j in jpegs]
         rows["decode 4 new frames: nvJPEG on the GPU (jpeg_decoder 'nvjpeg')"], on_device = _timed(
             lambda: nvjpeg.decode_many(msgs), repeats, device)
-        nvjpeg_vs_pillow = max(int((t.cpu().int() - torch.from_numpy(d).int()).abs().max())
-                               for t, d in zip(on_device, decoded))
+        nvjpeg_vs_pillow = max(int((t.cpu().int() - torch.from_numpy(np.array(d)).int()).abs().max())
+                               for t, d in zip(on_device, decoded))  # noqa: E501
     # a window: frame k of camera c; the newest frame of each camera is one of the 4 decoded ones
     window = [[decoded[(c + k) % 4] for k in range(4)] for c in range(4)]
 
