@@ -96,7 +96,7 @@ def run(height: int, width: int, device: torch.device, repeats: int, threads: in
         rows["decode 4 new frames: nvJPEG on the GPU (jpeg_decoder 'nvjpeg')"], on_device = _timed(
             lambda: nvjpeg.decode_many(msgs), repeats, device)
         nvjpeg_vs_pillow = max(int((t.cpu().int() - torch.from_numpy(np.array(d)).int()).abs().max())
-                               for t, d in zip(on_device, decoded))  # noqa: E501
+                               for t, d in zip(on_device, decoded))
     # a window: frame k of camera c; the newest frame of each camera is one of the 4 decoded ones
     window = [[decoded[(c + k) % 4] for k in range(4)] for c in range(4)]
 
