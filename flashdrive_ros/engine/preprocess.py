@@ -112,9 +112,9 @@ class FrameUploader:
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
-        self._host: torch.Tensor | None = None
-        self._dev: torch.Tensor | None = None
-        self._uploaded = None  # CUDA event: the last transfer has left the pinned buffer
+        # per batch shape (a full prefill's 16 frames, a streaming step's 4): pinned buffer, device buffer and
+        # the CUDA event after its last transfer; kept, because pinning memory again costs milliseconds
+        self._buffers: dict[tuple, list] = {}
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         if not images:
@@ -131,18 +131,19 @@ class FrameUploader:
             return torch.stack([torch.as_tensor(im).to(self.device, non_blocking=True) for im in images])
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(images)).to(self.device)
-        if self._host is None or tuple(self._host.shape) != shape:
-            self._host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            self._dev = torch.empty(shape, dtype=torch.uint8, device=self.device)
-        elif self._uploaded is not None:
-            self._uploaded.synchronize()  # never overwrite pinned memory a queued DMA still reads
-        host = self._host.numpy()
+        if shape not in self._buffers:
+            self._buffers[shape] = [torch.empty(shape, dtype=torch.uint8, pin_memory=True),
+                                    torch.empty(shape, dtype=torch.uint8, device=self.device), None]
+        pinned, dev, uploaded = self._buffers[shape]
+        if uploaded is not None:
+            uploaded.synchronize()  # never overwrite pinned memory a queued DMA still reads
+        host = pinned.numpy()
         for i, im in enumerate(images):
             np.copyto(host[i], im)
-            self._dev[i].copy_(self._host[i], non_blocking=True)
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
-        return self._dev
+            dev[i].copy_(pinned[i], non_blocking=True)
+        self._buffers[shape][2] = torch.cuda.Event()
+        self._buffers[shape][2].record()
+        return dev
 
 
 @functools.lru_cache(maxsize=64)
