@@ -80,9 +80,10 @@ def resources(compiled) -> str:
 
 def compile_both(block_m: int, block_n: int, warps: int, stages: int) -> None:
     options = dict(num_warps=warps, num_stages=stages)
-    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, PRECISION="tf32")
+    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, PRECISION="tf32",
+                  USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False)
     pointer = source(A._slot_attention_fwd, dict(common, BLOCK_D=D, PAD_D=False, SPLIT=False, FUSED=False, GROUP=1), {})
-    tma = source(A._slot_attention_tma_fwd, common, dict(
+    tma = source(A._slot_attention_tma_fwd, dict(common, SPLIT=False), dict(
         Q_DESC=f"tensordesc<bf16[1,1,{block_m},{D}]>", K_DESC=f"tensordesc<bf16[1,1,{block_n},{D}]>",
         V_DESC=f"tensordesc<bf16[1,1,{block_n},{D}]>"))
     for name, src in (("pointer", pointer), ("tma", tma)):

@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +57,17 @@ def _count_calls() -> None:
             return out
 
         setattr(mod, fn_name, counted)
+
+    real_tma = A.tma_applies
+
+    def tma_counted(*a, **kw):  # which attention kernel each captured call runs
+        out = real_tma(*a, **kw)
+        key = f"attention {'tma' if out else 'pointer'} splits>1" if a[0].splits > 1 else \
+            f"attention {'tma' if out else 'pointer'} no split"
+        CALLS[key] = CALLS.get(key, 0) + 1
+        return out
+
+    A.tma_applies = tma_counted
 MODE = Mode(streaming=True, tau=5.6, flow="adaptive", graphs=True)
 
 
@@ -179,6 +191,16 @@ VARIANTS = {
     "linear_prefetch0": [_set(LK, PREFETCH_TILES=0)],
     "no_cublaslt": [_switch(G._LT, "use", {})],
     "action_in_proj_eager": [_set(G, action_tokens=lambda in_proj, x, t: in_proj(x, t))],
+    # session 10: the few-rows (split) attention through TMA descriptors
+    "few_rows_tma": [_set(A, FEW_ROWS=replace(A.FEW_ROWS, tma=True), FEW_ROWS_TALL=replace(A.FEW_ROWS_TALL, tma=True))],
+    "verify_tma": [_set(A, FEW_ROWS=replace(A.FEW_ROWS, tma=True))],
+    "action_tma": [_set(A, FEW_ROWS_TALL=replace(A.FEW_ROWS_TALL, tma=True))],
+    "action_tma_bm128_w8": [_set(A, FEW_ROWS_TALL=A.Config(block_m=128, block_n=64, num_warps=8, num_stages=3,
+                                                         tma=True))],
+    "few_rows_tma_st4": [_set(A, FEW_ROWS=replace(A.FEW_ROWS, tma=True, num_stages=4),
+                              FEW_ROWS_TALL=replace(A.FEW_ROWS_TALL, tma=True))],
+    "few_rows_tma_2_per_sm": [_set(A, PROGRAMS_PER_SM=2, FEW_ROWS=replace(A.FEW_ROWS, tma=True),
+                                   FEW_ROWS_TALL=replace(A.FEW_ROWS_TALL, tma=True))],
 }
 
 

@@ -1,6 +1,6 @@
 """Device check of slot_attention (engine/attention_kernel.py) at the full model shape, bf16.
 
-    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json] [--only prefill] [--tma-only]
+    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json] [--only prefill|few] [--tma-only]
 
 KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
   decode (R = 4: g = 4, Q = 1), verify (R = 32: Q = 8), action (R = 128: g = 2, Q = 64, one limit),
@@ -21,8 +21,9 @@ KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
    each config checked as in 1. before it is timed; configs over the shared memory fail and are listed.
 The sweep stops at --budget-s; the table (us, K/V TB/s over all 3136 slots, TFLOP/s of the visible
 scores) is printed last, with the winner per case and the defaults to put into attention_kernel.py.
---only prefill: the streaming and full prefill cases only; --tma-only: the prefill cases sweep the TMA configs
-only (the pointer configs were swept before; the default plan, SDPA and graphs._attn_math are still timed).
+--only prefill: the streaming and full prefill cases only; --only few: the few-rows cases only; --tma-only: the
+sweep runs the TMA configs only (the pointer configs were swept before; the default plan, SDPA and
+graphs._attn_math are still timed); few-rows cases then sweep TMA split plans with the two-kernel merge.
 """
 import argparse
 import itertools
@@ -149,10 +150,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop the sweep after this many seconds")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
-    ap.add_argument("--only", choices=("all", "prefill"), default="all",
-                    help="prefill: the streaming and full prefill cases only")
+    ap.add_argument("--only", choices=("all", "prefill", "few"), default="all",
+                    help="prefill: the streaming and full prefill cases only; few: the few-rows cases only")
     ap.add_argument("--tma-only", action="store_true",
-                    help="prefill cases: sweep the TMA configs only (the pointer configs were swept before)")
+                    help="sweep the TMA configs only (the pointer configs were swept before; few-rows cases: "
+                         "split plans with the two-kernel merge)")
     args = ap.parse_args()
     dev = torch.device(DEV)
     # Every captured fused-merge call gets counters of its own: room for the sweep's thousands of
@@ -225,7 +227,7 @@ def main() -> None:
     for name, (g, limit) in cases().items():
         limit = limit.to(dev)
         rows = g * limit.numel()
-        if args.only == "prefill" and rows <= 256:
+        if (args.only == "prefill" and rows <= 256) or (args.only == "few" and rows > 256):
             continue
         qs = [torch.randn(1, KV, rows, D, device=dev, dtype=DTYPE) for _ in range(3)]
         kv = [(k_cache[i, :, :, :N], v_cache[i, :, :, :N]) for i in range(LAYERS)]
@@ -280,6 +282,14 @@ def main() -> None:
     # groups and split counts (fused and two-kernel) for the best blocks; prefill cases try blocks
     # without split. Stops at the budget.
     def sweep_configs(rows: int) -> list[A.Config]:
+        if rows <= 256 and args.tma_only:  # the default tiles through TMA first, then the others
+            bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
+            default = A.plan(KV, rows, N, sms).config
+            first = [A.Config(default.block_m, default.block_n, default.num_warps, st, 0, fused_merge=False, tma=True)
+                     for st in (default.num_stages, 2, 3, 4)]
+            return first + [A.Config(bm, bn, w, st, 0, fused_merge=False, tma=True)
+                            for bm, bn, w, st in itertools.product(bms, (64, 128), (4, 8), (2, 3, 4))
+                            if not (w == 8 and bm < 64)]
         if rows <= 256:
             bms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)]
             return [A.Config(bm, bn, w, st, 0, fused_merge=fm)
@@ -326,9 +336,11 @@ def main() -> None:
             if ok:
                 from dataclasses import replace
                 best = min(ok, key=lambda r: r["us"])["cfg"]
-                for mg in (1, 2, 4, 8):  # fused merge: splits loaded per merge step
-                    run(replace(best, fused_merge=True, merge_group=mg))
-                for splits, fm in itertools.product((4, 8, 12, 16, 24, 32, 48, 64), (True, False)):
+                if not best.tma:  # (a fused merge runs the pointer kernel)
+                    for mg in (1, 2, 4, 8):  # fused merge: splits loaded per merge step
+                        run(replace(best, fused_merge=True, merge_group=mg))
+                for splits, fm in itertools.product((4, 8, 12, 16, 24, 32, 48, 64),
+                                                    (False,) if best.tma else (True, False)):
                     run(replace(best, splits=splits, fused_merge=fm, merge_group=0))
         print(f"[{elapsed():5.0f} s] {name}: sweep done", flush=True)
 

@@ -146,7 +146,7 @@ def _case_padded_verify(fused):
     return build
 
 
-# ------------------------------------------------------------- TMA kernel (Config(tma=True), no split)
+# ------------------------------------------------------------------ TMA kernel (Config(tma=True))
 TMA = dict(SMALL, splits=1, tma=True)
 
 
@@ -209,6 +209,32 @@ def _case_tma_head_dim_64():
     return torch.randn(1, 2, 2 * 30, 64, generator=g), k, v, _streaming_limits(30, 75), TMA
 
 
+def _case_tma_verify_split():
+    # The verify pass through TMA with a key split (few rows): 8 causal rows at slots 90..97 over a key
+    # slice of 100 with NaN after it, 4 query heads per kv head (32 rows, two 16-row tiles), a batch-1
+    # cache expanded over B = 2, 3 splits merged by _merge_splits.
+    k, v = _sliced_cache(1, 2, 100, 55)
+    limit = torch.clamp(torch.arange(90, 98) + 1, max=96)
+    return (_queries(2, 2, 4, 8, 56), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), limit,
+            dict(TMA, splits=3, fused_merge=False))
+
+
+def _case_tma_action_split():
+    # The action's shape through TMA with a key split: 64 tokens, 2 query heads per kv head (128 rows,
+    # 32-row tiles), one limit 134 of 150 keys; 4 splits of 48 keys (3 blocks), the last one cut short.
+    k, v = _sliced_cache(1, 2, 150, 57)
+    return (_queries(1, 2, 2, 64, 58), k, v, torch.full((64,), 134),
+            dict(TMA, block_m=32, splits=4, fused_merge=False))
+
+
+def _case_tma_edge_split():
+    # Edge limits (0, 1, a block, N, past N) with 3 splits: splits past a tile's largest limit read
+    # nothing and write an empty partial, which the merge weighs 0.
+    k, v = _sliced_cache(1, 2, 50, 59)
+    return (_queries(1, 2, 4, 8, 60), k, v, torch.tensor([0, 1, 16, 0, 49, 50, 77, 3]),
+            dict(TMA, splits=3, fused_merge=False))
+
+
 CASES_TMA = {
     "tma_streaming": _case_tma_streaming,
     "tma_causal": _case_tma_causal,
@@ -217,7 +243,13 @@ CASES_TMA = {
     "tma_bf16": _case_tma_bf16,
     "tma_head_dim_64": _case_tma_head_dim_64,
 }
-# Config(tma=True) where TMA does not apply: the pointer kernel runs (a split plan; padded head dims)
+# Config(tma=True) with a key split: the TMA kernel, then _merge_splits
+CASES_TMA_SPLIT = {
+    "tma_verify_split": _case_tma_verify_split,
+    "tma_action_split": _case_tma_action_split,
+    "tma_edge_split": _case_tma_edge_split,
+}
+# Config(tma=True) where TMA does not apply: the pointer kernel runs (a fused merge; padded head dims)
 TMA_FALLBACK = {
     "tma_split_falls_back": _variant(_case_tma_streaming, splits=3, fused_merge=True),
     "tma_padded_falls_back": _variant(_case_vision(splits=1), tma=True),
@@ -251,6 +283,7 @@ CASES = {
     "repeat_2": _case_repeat(22, torch.tensor([0, 7, 16, 17, 48, 49, 70, 3])),
     "repeat_3": _case_repeat(24, torch.full((8,), 90)),
     **CASES_TMA,
+    **CASES_TMA_SPLIT,
     **TMA_FALLBACK,
 }
 FUSED = ["decode", "verify", "action", "edge_split", "bf16", "action_group1", "verify_group4",
@@ -561,7 +594,7 @@ def test_programmatic_dependent_launch_only_on_cuda(monkeypatch):
     assert not A.pdl_enabled(torch.zeros(1))
 
 
-# ------------------------------------------------------------ TMA kernel (Config(tma=True), no split)
+# ----------------------------------------------------------------- TMA kernel (Config(tma=True))
 
 def _slot_after_slice(t):
     """The cache slot right after the key slice t = cache[:, :, :n]: what a read past the slice sees."""
@@ -586,9 +619,25 @@ def test_tma_rows_that_see_no_key_are_zero(kernel):
     assert (out[:, :, (limit == 0).repeat(q.shape[2] // limit.shape[0])] == 0).all()
 
 
+@pytest.mark.parametrize("name", list(CASES_TMA_SPLIT))
+def test_tma_kernel_with_a_key_split_equals_the_reference(kernel, name):
+    """The few-rows regime through TMA: each split program writes its partial, _merge_splits combines
+    them; verify rows over a stride-0 batch, the action's 128 rows, edge limits with splits that see
+    nothing; the key slice ends in a NaN slot that only a wrong read would reach."""
+    assert kernel["__kernels__"][name] == ["_slot_attention_tma_fwd", "_merge_splits"] * 2
+    (_, k, v, _, _), *_ = kernel[name]
+    assert _slot_after_slice(k).isnan().all() and _slot_after_slice(v).isnan().all()
+    _check(kernel, name)
+
+
+def test_tma_split_rows_that_see_no_key_are_zero(kernel):
+    (q, _, _, limit, _), out, _ = kernel["tma_edge_split"]
+    assert (out[:, :, (limit == 0).repeat(q.shape[2] // limit.shape[0])] == 0).all()
+
+
 @pytest.mark.parametrize("name", list(TMA_FALLBACK))
 def test_tma_config_where_tma_does_not_apply_runs_the_pointer_kernel(kernel, name):
-    """Config(tma=True) with a split plan or a padded head dim: the pointer kernel, same results."""
+    """Config(tma=True) with a fused merge or a padded head dim: the pointer kernel, same results."""
     launched = kernel["__kernels__"][name]
     assert launched[0] == "_slot_attention_fwd" and "_slot_attention_tma_fwd" not in launched
     _check(kernel, name)
@@ -598,7 +647,7 @@ def test_tma_and_pointer_kernels_agree(kernel):
     torch.testing.assert_close(kernel["tma_streaming"][1], kernel["tma_split_falls_back"][1], **TOL)
 
 
-def test_tma_applies_only_to_no_split_plans_over_tensors_a_descriptor_addresses(monkeypatch):
+def test_tma_applies_to_plans_without_a_fused_merge_over_tensors_a_descriptor_addresses(monkeypatch):
     if A.TensorDescriptor is None:
         pytest.skip("this triton has no host-side tensor descriptors")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # TMA-capable "hardware": the interpreter
@@ -613,7 +662,8 @@ def test_tma_applies_only_to_no_split_plans_over_tensors_a_descriptor_addresses(
     assert A._descriptor_layout(k3) == ([1, 2, 60, D], [2 * 80 * D, 80 * D, D, 1])
 
     assert not A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, tma=False), D), q, k, k)
-    assert not A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, splits=3), D), q, k, k)
+    assert A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, splits=3, fused_merge=False), D), q, k, k)
+    assert not A.tma_applies(A.plan(2, 32, 60, 4, replace(tma, splits=3, fused_merge=True), D), q, k, k)
     q24, k24 = torch.randn(1, 2, 32, 24), torch.randn(1, 2, 60, 24)  # padded head lanes (24 -> 32)
     assert not A.tma_applies(A.plan(2, 32, 60, 4, tma, 32), q24, k24, k24)
     misaligned = torch.randn(1 + 2 * 60 * D)[1:].view(1, 2, 60, D)  # base 4 bytes past an allocation

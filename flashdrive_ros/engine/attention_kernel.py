@@ -18,8 +18,8 @@ by a second small kernel (Config(fused_merge=False)). Splits past the tile's lar
 nothing to add: in the fused merge they exit at once and are not merged. With many rows
 (prefill) the row tiles alone fill the GPU, so there is one program per row tile and no split.
 In both, a program stops at the largest limit of its rows, so key blocks nobody in the tile sees
-(past the valid length, the causal upper triangle) are never read. Config(tma=True) runs the no-split
-regime as _slot_attention_tma_fwd instead: Q, K and V arrive through TMA tensor descriptors (sm_90+),
+(past the valid length, the causal upper triangle) are never read. Config(tma=True) runs either regime
+(split plans with the two-kernel merge) as _slot_attention_tma_fwd instead: Q, K and V arrive through TMA tensor descriptors (sm_90+),
 bulk asynchronous copies into shared memory in place of per-element pointer loads (see tma_applies for
 where it falls back to the pointer kernel).
 
@@ -69,9 +69,9 @@ class Config:
     # merge_group: splits the fused merge loads per step (0: auto, MERGE_ELEMENTS per program).
     fused_merge: bool | None = None
     merge_group: int = 0
-    # No-split regime only: load Q, K and V through TMA tensor descriptors (_slot_attention_tma_fwd).
-    # Off until measured on the device. Where TMA cannot run (a split plan, padded head dims, GPUs
-    # before sm_90, layouts a descriptor cannot address; see tma_applies) the pointer kernel runs.
+    # Load Q, K and V through TMA tensor descriptors (_slot_attention_tma_fwd; a split plan merges in
+    # _merge_splits). Where TMA cannot run (a fused merge, padded head dims, GPUs before sm_90, layouts a
+    # descriptor cannot address; see tma_applies) the pointer kernel runs.
     tma: bool = False
 
 
@@ -239,6 +239,17 @@ if triton is not None:
                                   dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _prefetch_chunk(K, V, b, h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, start, n_keys,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PREFETCH: tl.constexpr, LINE: tl.constexpr):
+        """Hint the first PREFETCH key blocks of K and V from key `start` into L2 (see PREFETCH_BLOCKS)."""
+        keys = start + tl.arange(0, PREFETCH * BLOCK_N)
+        lines = tl.arange(0, BLOCK_D // LINE) * LINE
+        pf_ok = (keys < n_keys)[:, None] & (lines < HEAD_DIM)[None, :]
+        _prefetch_l2(tl.where(pf_ok, K + b * sk_b + h * sk_h + keys[:, None] * sk_n + lines[None, :], K))
+        _prefetch_l2(tl.where(pf_ok, V + b * sv_b + h * sv_h + keys[:, None] * sv_n + lines[None, :], V))
+
+    @triton.jit
     def _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys):
         """Key limit of each folded row (row r is query r % Q), clamped to [0, N]; padding rows get 0."""
         limit = tl.load(LIMIT + (rows % n_queries) * s_lim, mask=row_ok, other=0)
@@ -313,11 +324,8 @@ if triton is not None:
         h = pid_bh % n_kv
         if USE_PDL:  # q, the cache and the limits may come from the kernel launched just before
             if PREFETCH > 0:  # the first blocks of this split's K / V chunk (see PREFETCH_BLOCKS)
-                keys = pid_s * chunk + tl.arange(0, PREFETCH * BLOCK_N)
-                lines = tl.arange(0, BLOCK_D // LINE) * LINE
-                pf_ok = (keys < n_keys)[:, None] & (lines < HEAD_DIM)[None, :]
-                _prefetch_l2(tl.where(pf_ok, K + b * sk_b + h * sk_h + keys[:, None] * sk_n + lines[None, :], K))
-                _prefetch_l2(tl.where(pf_ok, V + b * sv_b + h * sv_h + keys[:, None] * sv_n + lines[None, :], V))
+                _prefetch_chunk(K, V, b, h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid_s * chunk, n_keys,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, PREFETCH, LINE)
             gdc_wait()
             if EARLY:  # see TRIGGER_EARLY
                 gdc_launch_dependents()
@@ -457,28 +465,43 @@ if triton is not None:
                  mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
     @triton.jit
-    def _slot_attention_tma_fwd(Q_DESC, K_DESC, V_DESC, LIMIT, OUT, so_b, so_h, so_j, so_q, s_lim,
-                                n_kv, n_rows, n_queries, n_keys, qk_scale,
+    def _slot_attention_tma_fwd(Q_DESC, K_DESC, V_DESC, K, V, LIMIT, OUT, O_PART, M_PART, L_PART,
+                                sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_j, so_q, s_lim,
+                                n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False):
-        """Config(tma=True), many rows, no split: program (row tile, b * KV + h) as in _slot_attention_fwd,
-        but Q, K and V come through TMA tensor descriptors over [B, KV, N | R, D] (blocks [1, 1, rows, D]):
-        bulk asynchronous copies into shared memory, which the compiler multi-buffers (num_stages) and
-        the dots read in place, with no per-element addresses in registers. The descriptors end at the
-        N key slots and the R rows, and TMA reads zeros past an end: the key tail needs no load mask
-        (its scores are masked by the limits, which are <= N) and the last row tile no row mask."""
+                                SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                                USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                                LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
+        """Config(tma=True): program (row tile, b * KV + h, split) as in _slot_attention_fwd (two-kernel
+        merge when SPLIT), but Q, K and V come through TMA tensor descriptors over [B, KV, N | R, D]
+        (blocks [1, 1, rows, D]): bulk asynchronous copies into shared memory, which the compiler
+        multi-buffers (num_stages) and the dots read in place, with no per-element addresses in
+        registers. The descriptors end at the N key slots and the R rows, and TMA reads zeros past an
+        end: the key tail needs no load mask (its scores are masked by the limits, which are <= N) and
+        the last row tile no row mask. K / V (plain pointers) serve only the L2 prefetch before the
+        PDL wait."""
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest tiles first, as in _slot_attention_fwd
         pid_bh = tl.program_id(1)
-        if USE_PDL:  # see _slot_attention_fwd
-            gdc_wait()
+        pid_s = tl.program_id(2)
         b = pid_bh // n_kv
         h = pid_bh % n_kv
+        if USE_PDL:  # see _slot_attention_fwd
+            if PREFETCH > 0:
+                _prefetch_chunk(K, V, b, h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid_s * chunk, n_keys,
+                                HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, LINE)
+            gdc_wait()
+            if EARLY:  # see TRIGGER_EARLY
+                gdc_launch_dependents()
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         limit = _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys)
         tile_max = tl.max(limit, 0)
-        # Blocks below the smallest limit of the real rows are seen whole by every row: no mask.
+        # This program's keys: its chunk (all keys without a split), cut at the largest limit of the
+        # tile. Blocks below the smallest limit of the real rows are seen whole by every row: no mask.
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, tile_max)
         full = tl.minimum(tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N, tile_max)
+        mid = tl.maximum(lo, tl.minimum(hi, full))
 
         # A descriptor of batch extent 1 (a cache shared over the batch: stride 0) serves every b.
         q = Q_DESC.load([b % Q_DESC.shape[0], h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -490,20 +513,29 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, full, BLOCK_N):
+        for start in range(lo, mid, BLOCK_N):
             k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
                                                  False, PRECISION)
-        for start in range(full, tile_max, BLOCK_N):
+        for start in range(mid, hi, BLOCK_N):
             k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
                                                  True, PRECISION)
 
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
-        o_ptrs = _output_ptrs(OUT, b, h, rows, tl.arange(0, HEAD_DIM), so_b, so_h, so_j, so_q, n_queries)
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        offs_d = tl.arange(0, HEAD_DIM)
+        if SPLIT:  # partials for _merge_splits, laid out as _slot_attention_fwd writes them
+            if USE_PDL and not EARLY:  # the merge may launch; it waits for our stores
+                gdc_launch_dependents()
+            part = (pid_bh * n_rows + rows) * n_splits + pid_s
+            tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(M_PART + part, m_i, mask=row_ok)
+            tl.store(L_PART + part, l_i, mask=row_ok)
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key: 0, not NaN
+            o_ptrs = _output_ptrs(OUT, b, h, rows, offs_d, so_b, so_h, so_j, so_q, n_queries)
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -575,13 +607,6 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
     upcast = _interpreting() and q.dtype != torch.float32
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # fp32 in: fp32-exact dots
     pdl = pdl_enabled(q)
-    if tma_applies(p, q, k, v):
-        _slot_attention_tma_fwd[(p.row_tiles, b * n_kv)](
-            _descriptor(q, c.block_m), _descriptor(k, c.block_n), _descriptor(v, c.block_n), key_limit, out,
-            so_b, so_h, so_j, so_q, key_limit.stride(0), n_kv, rows, n_q, n_keys, scale * math.log2(math.e),
-            HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST=upcast, PRECISION=precision,
-            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **({"launch_pdl": True} if pdl else {}))
-        return out
     split = p.splits > 1
     if split:
         o_part = torch.empty((b * n_kv, rows, p.splits, block_d), dtype=torch.float32, device=q.device)
@@ -589,16 +614,28 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         l_part = torch.empty_like(m_part)
     else:  # unused pointers
         o_part = m_part = l_part = out
-    counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
-    _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
-        q, k, v, key_limit, out, o_part, m_part, l_part, counter,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), so_b, so_h, so_j, so_q,
-        key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
-        scale * math.log2(math.e),
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
-        GROUP=p.merge_group, UPCAST=upcast, PRECISION=precision,
-        USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **_prefetch_options(pdl, q, block_d, c.block_n))
+    if tma_applies(p, q, k, v):
+        # Without a split (the prefill) no prefetch and no early trigger: the launch as measured for
+        # MANY_ROWS. With one, the few-rows kernel's PDL options.
+        options = _prefetch_options(pdl, q, block_d, c.block_n) if split else ({"launch_pdl": True} if pdl else {})
+        _slot_attention_tma_fwd[(p.row_tiles, b * n_kv, p.splits)](
+            _descriptor(q, c.block_m), _descriptor(k, c.block_n), _descriptor(v, c.block_n), k, v, key_limit, out,
+            o_part, m_part, l_part, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            so_b, so_h, so_j, so_q, key_limit.stride(0), n_kv, rows, n_q, n_keys, p.chunk, p.splits,
+            scale * math.log2(math.e),
+            HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, UPCAST=upcast, PRECISION=precision,
+            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **options)
+    else:
+        counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
+        _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
+            q, k, v, key_limit, out, o_part, m_part, l_part, counter,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), so_b, so_h, so_j, so_q,
+            key_limit.stride(0), n_kv, rows, key_limit.shape[0], n_keys, p.chunk, p.splits,
+            scale * math.log2(math.e),
+            HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, FUSED=p.fused_merge,
+            GROUP=p.merge_group, UPCAST=upcast, PRECISION=precision,
+            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **_prefetch_options(pdl, q, block_d, c.block_n))
     if split and not p.fused_merge:
         mr, mw = MERGE
         _merge_splits[(_cdiv(rows, mr), b * n_kv)](
@@ -617,10 +654,11 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
 
 def tma_applies(p: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether slot_attention runs the TMA kernel for this plan and these tensors: Config(tma=True), no
-    split, a power-of-two head dim (no padded lanes: the descriptor's block is the head dim), hardware
-    with TMA (sm_90+, or the interpreter) and q, k, v each addressable by a descriptor."""
+    fused merge (a split plan merges in the second kernel), a power-of-two head dim (no padded lanes:
+    the descriptor's block is the head dim), hardware with TMA (sm_90+, or the interpreter) and q, k, v
+    each addressable by a descriptor."""
     d = q.shape[-1]
-    return (p.config.tma and p.splits == 1 and d == _pow2_at_least(d) and _tma_hardware(q)
+    return (p.config.tma and not p.fused_merge and d == _pow2_at_least(d) and _tma_hardware(q)
             and all(_descriptor_layout(t) is not None for t in (q, k, v)))
 
 
