@@ -1,6 +1,6 @@
 """Compile slot_attention's many-rows kernels for sm_90 (H100 / H200) on a machine without a GPU.
 
-    python scripts/attention_compile_sm90.py [BLOCK_M,BLOCK_N,WARPS,STAGES[,WS] ...]   (default: the TMA sweep's)
+    python scripts/attention_compile_sm90.py [BLOCK_M,BLOCK_N,WARPS,STAGES ...]   (default: the TMA sweep's)
 
 Triton compiles for a named target without a driver, and its bundled ptxas and cuobjdump report what
 the GPU would run: per config, for the pointer kernel (_slot_attention_fwd without split) and the TMA
@@ -9,8 +9,6 @@ loads were lowered (TMA copies, cp.async, or neither, i.e. not pipelined). Shape
 arguments' divisibility by 16 are those of the streaming prefill (bf16, D = 128, R = 3196 rows of
 Q = 799 queries, N = 3136 keys of a 3152-slot cache, heads_last output), as Triton's JIT would
 specialize them on the device. Over 232448 bytes of shared memory a config cannot launch on sm_90.
-A fifth field 1 compiles the TMA kernel with Config(warp_specialize=True) only, and says whether Triton's
-pass did specialize it.
 """
 import collections
 import re
@@ -35,7 +33,7 @@ INTS = dict(  # the integer arguments' values at the streaming prefill
     sq_b=KV * R * D, sq_h=R * D, sq_r=D, sk_b=KV * SLOTS * D, sk_h=SLOTS * D, sk_n=D,
     sv_b=KV * SLOTS * D, sv_h=SLOTS * D, sv_n=D, so_b=Q * 32 * D, so_h=4 * D, so_j=D, so_q=32 * D,
     s_lim=1, n_kv=KV, n_rows=R, n_queries=Q, n_keys=N, chunk=N, n_splits=1)
-POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", OUT="*bf16", LIMIT="*i64", BOUNDS="*i32", COUNTER="*i32",
+POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", OUT="*bf16", LIMIT="*i64", COUNTER="*i32",
                 O_PART="*fp32", M_PART="*fp32", L_PART="*fp32")
 
 
@@ -77,19 +75,18 @@ def resources(compiled) -> str:
     lowered = ("TMA copies" if loads["ttng.async_tma_copy_global_to_local"] else
                "cp.async" if loads["ttg.async_copy_global_to_local"] else "plain loads (not pipelined)")
     fits = "" if shared <= SHARED_MAX else "  TOO MUCH SHARED MEMORY"
-    specialized = "  warp specialized" if "ttg.warp_specialize" in compiled.asm["ttgir"] else ""
-    return f"{regs:>4} registers  stack {stack:>4} B  shared {shared:>6} B  {lowered}{fits}{specialized}"
+    return f"{regs:>4} registers  stack {stack:>4} B  shared {shared:>6} B  {lowered}{fits}"
 
 
-def compile_both(block_m: int, block_n: int, warps: int, stages: int, ws: int = 0) -> None:
+def compile_both(block_m: int, block_n: int, warps: int, stages: int) -> None:
     options = dict(num_warps=warps, num_stages=stages)
     common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, PRECISION="tf32",
                   USE_PDL=False, PREFETCH=0, LINE=64, EARLY=False)
     pointer = source(A._slot_attention_fwd, dict(common, BLOCK_D=D, PAD_D=False, SPLIT=False, FUSED=False, GROUP=1), {})
-    tma = source(A._slot_attention_tma_fwd, dict(common, SPLIT=False, WS=bool(ws)), dict(
+    tma = source(A._slot_attention_tma_fwd, dict(common, SPLIT=False), dict(
         Q_DESC=f"tensordesc<bf16[1,1,{block_m},{D}]>", K_DESC=f"tensordesc<bf16[1,1,{block_n},{D}]>",
         V_DESC=f"tensordesc<bf16[1,1,{block_n},{D}]>"))
-    for name, src in ((("pointer", pointer),) if not ws else ()) + (("tma ws" if ws else "tma", tma),):
+    for name, src in (("pointer", pointer), ("tma", tma)):
         label = f"bm{block_m} bn{block_n} w{warps} st{stages} {name:<8}"
         try:
             print(f"{label} {resources(triton.compile(src, target=SM90, options=options))}", flush=True)

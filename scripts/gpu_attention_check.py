@@ -1,6 +1,6 @@
 """Device check of slot_attention (engine/attention_kernel.py) at the full model shape, bf16.
 
-    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json] [--only prefill|few] [--tma-only] [--ws]
+    python scripts/gpu_attention_check.py [--budget-s 150] [--out results.json] [--only prefill|few] [--tma-only]
 
 KV = 8 heads, D = 128, N = 3136 key slots of which 3057 valid, batch 1, cases:
   decode (R = 4: g = 4, Q = 1), verify (R = 32: Q = 8), action (R = 128: g = 2, Q = 64, one limit),
@@ -24,8 +24,6 @@ scores) is printed last, with the winner per case and the defaults to put into a
 --only prefill: the streaming and full prefill cases only; --only few: the few-rows cases only; --tma-only: the
 sweep runs the TMA configs only (the pointer configs were swept before; the default plan, SDPA and
 graphs._attn_math are still timed); few-rows cases then sweep TMA split plans with the two-kernel merge.
---ws: the prefill cases sweep WS_SWEEP (the warp-specialized TMA kernel, its tile bounds computed once
-outside the timed calls as a pass would) and the current default tile.
 """
 import argparse
 import itertools
@@ -125,18 +123,13 @@ def poison(plan: A.Plan, rows: int) -> None:
 def cfg_name(c: A.Config | None, plan: A.Plan) -> str:
     c = plan.config if c is None else c
     merge = "" if plan.splits == 1 else f" fused/g{plan.merge_group}" if plan.fused_merge else " 2-kernel"
-    return (f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}{merge}{' tma' if c.tma else ''}"
-            f"{' ws' if c.warp_specialize else ''}")
+    return f"bm{c.block_m} bn{c.block_n} w{c.num_warps} st{c.num_stages} sp{plan.splits}{merge}{' tma' if c.tma else ''}"
 
 
 # TMA kernel configs swept on the prefill cases, the likeliest first. scripts/attention_compile_sm90.py (no GPU
 # needed): 64 x 64 / 4 warps takes 157-159 registers against the pointer kernel's 236, 128 x 64 / 8 warps
 # 154-158 against 218; 128 x 128 and 64 x 128 at 4 stages need more than the 227 KB of shared memory per
 # block: they fail to launch and are listed as failed.
-# --ws: the warp-specialized TMA configs (Config(warp_specialize=True); Triton 3.6 specializes only 4-warp
-# tiles, attention_compile_sm90.py ...,1 shows which) first, then the current default for comparison.
-WS_SWEEP = [A.Config(bm, bn, 4, st, 1, tma=True, warp_specialize=True) for bm, bn, st in (
-    (64, 64, 3), (64, 64, 2), (64, 64, 4), (64, 128, 2), (64, 128, 3))] + [A.Config(64, 64, 4, 3, 1, tma=True)]
 TMA_SWEEP = [A.Config(bm, bn, w, st, 1, tma=True) for bm, bn, w, st in (
     (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 2),
     (64, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 4), (64, 128, 4, 4))]
@@ -159,8 +152,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--only", choices=("all", "prefill", "few"), default="all",
                     help="prefill: the streaming and full prefill cases only; few: the few-rows cases only")
-    ap.add_argument("--ws", action="store_true",
-                    help="prefill cases: sweep the warp-specialized TMA configs (WS_SWEEP) only")
     ap.add_argument("--tma-only", action="store_true",
                     help="sweep the TMA configs only (the pointer configs were swept before; few-rows cases: "
                          "split plans with the two-kernel merge)")
@@ -262,10 +253,6 @@ def main() -> None:
                               "TFLOPs": flops / us / 1e6, "rel_l2": err, "cfg": cfg})
 
     def kernel_call(qs, kv, limit, cfg):
-        if cfg is not None and cfg.warp_specialize:  # the tile bounds once per pass, as the engine would
-            rows = qs[0].shape[2]
-            bounds = A.tile_bounds(limit, rows, N, cfg.block_m)
-            return lambda i: A.slot_attention(qs[i % 3], *kv[i % LAYERS], limit, config=cfg, bounds=bounds)
         return lambda i: A.slot_attention(qs[i % 3], *kv[i % LAYERS], limit, config=cfg)
 
     refs = {}
@@ -309,8 +296,6 @@ def main() -> None:
                     for fm, bm, bn, w, st in itertools.product((True,), bms, (64, 128), (4, 8), (2, 3))
                     if not (w == 8 and bm < 64)]
         pointer = [A.Config(bm, bn, w, st, 1) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
-        if args.ws:
-            return WS_SWEEP
         return TMA_SWEEP if args.tma_only else TMA_SWEEP + pointer  # TMA first: the new kernel within the budget
 
     skipped = 0

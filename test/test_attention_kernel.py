@@ -242,18 +242,12 @@ CASES_TMA = {
     "tma_shared_batch": _case_tma_shared_batch,
     "tma_bf16": _case_tma_bf16,
     "tma_head_dim_64": _case_tma_head_dim_64,
-    # Config(warp_specialize=True): one masked key loop whose bounds come from tile_bounds
-    "tma_ws_streaming": _variant(_case_tma_streaming, warp_specialize=True),
-    "tma_ws_causal": _variant(_case_tma_causal, warp_specialize=True),
-    "tma_ws_edge": _variant(_case_tma_edge, warp_specialize=True),
-    "tma_ws_shared_batch": _variant(_case_tma_shared_batch, warp_specialize=True),
 }
 # Config(tma=True) with a key split: the TMA kernel, then _merge_splits
 CASES_TMA_SPLIT = {
     "tma_verify_split": _case_tma_verify_split,
     "tma_action_split": _case_tma_action_split,
     "tma_edge_split": _case_tma_edge_split,
-    "tma_ws_edge_split": _variant(_case_tma_edge_split, warp_specialize=True),
 }
 # Config(tma=True) where TMA does not apply: the pointer kernel runs (a fused merge; padded head dims)
 TMA_FALLBACK = {
@@ -618,25 +612,6 @@ def test_tma_kernel_equals_the_reference(kernel, name):
     (q, k, v, _, _), *_ = kernel[name]
     assert _slot_after_slice(k).isnan().all() and _slot_after_slice(v).isnan().all()
     _check(kernel, name, **(dict(rtol=1e-2, atol=1e-2) if q.dtype == torch.bfloat16 else {}))
-
-
-def test_tile_bounds_are_the_smallest_and_largest_clamped_limit_of_each_tiles_real_rows():
-    # 3 queries folded g = 2 times: rows 0..5 are queries 0 1 2 0 1 2; tiles of 4 rows, the last one half padding
-    limit = torch.tensor([7, -3, 50])
-    bounds = A.tile_bounds(limit, rows=6, n_keys=40, block_m=4)
-    assert bounds.dtype == torch.int32
-    assert bounds.tolist() == [[0, 40], [0, 40]]  # tile 0: 7 0 40 7; tile 1: 0 40 (+2 padding rows)
-    assert A.tile_bounds(torch.tensor([5, 9]), rows=4, n_keys=40, block_m=2).tolist() == [[5, 9], [5, 9]]
-
-
-def test_warp_specialized_config_rejects_bounds_of_the_wrong_shape(monkeypatch):
-    if A.TensorDescriptor is None or A.triton is None:
-        pytest.skip("this triton has no host-side tensor descriptors")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes available() and TMA hardware true for CPU tensors
-    q, k = torch.randn(1, 1, 32, D), torch.randn(1, 1, 40, D)
-    cfg = A.Config(16, 16, 4, 2, splits=1, tma=True, warp_specialize=True)
-    with pytest.raises(ValueError, match="bounds must be int32"):
-        A.slot_attention(q, k, k, torch.full((32,), 40), config=cfg, bounds=torch.zeros(3, 2, dtype=torch.int32))
 
 
 def test_tma_rows_that_see_no_key_are_zero(kernel):

@@ -73,12 +73,6 @@ class Config:
     # _merge_splits). Where TMA cannot run (a fused merge, padded head dims, GPUs before sm_90, layouts a
     # descriptor cannot address; see tma_applies) the pointer kernel runs.
     tma: bool = False
-    # TMA kernel only: Triton's automatic warp specialization of the key loops (tl.range(warp_specialize=
-    # True)): producer warps issue the K/V copies while the consumer warps run the dots and the softmax,
-    # as FlashAttention-3 does by hand. Triton 3.6's pass rejects loop bounds reduced from a tensor in the
-    # kernel (tl.max of the row limits), so each row tile's key bounds come precomputed (tile_bounds).
-    # Ignored by the pointer kernel; the interpreter runs the same bounds without the specialization.
-    warp_specialize: bool = False
 
 
 # Few rows (decode, verify, action, drafter): memory bound, parallelism comes from splitting keys.
@@ -471,13 +465,13 @@ if triton is not None:
                  mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
     @triton.jit
-    def _slot_attention_tma_fwd(Q_DESC, K_DESC, V_DESC, K, V, LIMIT, BOUNDS, OUT, O_PART, M_PART, L_PART,
+    def _slot_attention_tma_fwd(Q_DESC, K_DESC, V_DESC, K, V, LIMIT, OUT, O_PART, M_PART, L_PART,
                                 sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_j, so_q, s_lim,
                                 n_kv, n_rows, n_queries, n_keys, chunk, n_splits, qk_scale,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                 USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                                LINE: tl.constexpr = 64, EARLY: tl.constexpr = False, WS: tl.constexpr = False):
+                                LINE: tl.constexpr = 64, EARLY: tl.constexpr = False):
         """Config(tma=True): program (row tile, b * KV + h, split) as in _slot_attention_fwd (two-kernel
         merge when SPLIT), but Q, K and V come through TMA tensor descriptors over [B, KV, N | R, D]
         (blocks [1, 1, rows, D]): bulk asynchronous copies into shared memory, which the compiler
@@ -485,8 +479,7 @@ if triton is not None:
         registers. The descriptors end at the N key slots and the R rows, and TMA reads zeros past an
         end: the key tail needs no load mask (its scores are masked by the limits, which are <= N) and
         the last row tile no row mask. K / V (plain pointers) serve only the L2 prefetch before the
-        PDL wait. WS: the key loops are warp specialized and the tile's smallest / largest limit come from
-        BOUNDS ([row tiles, 2] int32, tile_bounds) as scalars."""
+        PDL wait."""
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest tiles first, as in _slot_attention_fwd
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -502,17 +495,13 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         limit = _row_limits(LIMIT, rows, row_ok, s_lim, n_queries, n_keys)
+        tile_max = tl.max(limit, 0)
         # This program's keys: its chunk (all keys without a split), cut at the largest limit of the
         # tile. Blocks below the smallest limit of the real rows are seen whole by every row: no mask.
         lo = pid_s * chunk
-        if WS:
-            hi = tl.minimum(lo + chunk, tl.load(BOUNDS + 2 * pid_m + 1))
-            mid = lo
-        else:
-            tile_max = tl.max(limit, 0)
-            hi = tl.minimum(lo + chunk, tile_max)
-            full = tl.minimum(tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N, tile_max)
-            mid = tl.maximum(lo, tl.minimum(hi, full))
+        hi = tl.minimum(lo + chunk, tile_max)
+        full = tl.minimum(tl.min(tl.where(row_ok, limit, n_keys), 0) // BLOCK_N * BLOCK_N, tile_max)
+        mid = tl.maximum(lo, tl.minimum(hi, full))
 
         # A descriptor of batch extent 1 (a cache shared over the batch: stride 0) serves every b.
         q = Q_DESC.load([b % Q_DESC.shape[0], h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -524,23 +513,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if WS:  # one loop, every block masked: Triton 3.6's pass fails on a second loop after this one
-            for start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-                k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
-                                                     True, PRECISION)
-        else:
-            for start in range(lo, mid, BLOCK_N):
-                k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
-                                                     False, PRECISION)
-            for start in range(mid, hi, BLOCK_N):
-                k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
-                                                     True, PRECISION)
+        for start in range(lo, mid, BLOCK_N):
+            k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
+                                                 False, PRECISION)
+        for start in range(mid, hi, BLOCK_N):
+            k = K_DESC.load([kb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V_DESC.load([vb, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, start + offs_n, limit, qk_scale,
+                                                 True, PRECISION)
 
         offs_d = tl.arange(0, HEAD_DIM)
         if SPLIT:  # partials for _merge_splits, laid out as _slot_attention_fwd writes them
@@ -583,31 +565,16 @@ def _prefetch_options(pdl: bool, q: torch.Tensor, block_d: int, block_n: int) ->
     return options
 
 
-def tile_bounds(key_limit: torch.Tensor, rows: int, n_keys: int, block_m: int) -> torch.Tensor:
-    """[row tiles, 2] int32: per tile of block_m folded rows (row r is query r % Q), the smallest and the
-    largest key limit of its real rows, clamped to [0, n_keys] (what the kernel reduces itself without
-    warp specialization). Limits shared by all layers of a pass can be computed once and passed to each
-    slot_attention call; graph-capturable."""
-    tiles = _cdiv(rows, block_m)
-    idx = torch.arange(tiles * block_m, device=key_limit.device)
-    lim = key_limit[idx % key_limit.shape[0]].clamp(0, n_keys).to(torch.int32).view(tiles, block_m)
-    real = (idx < rows).view(tiles, block_m)
-    lo = torch.where(real, lim, n_keys).amin(1)
-    hi = torch.where(real, lim, 0).amax(1)
-    return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
-
-
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit: torch.Tensor,
                    scale: float | None = None, config: Config | None = None,
-                   heads_last: bool = False, bounds: torch.Tensor | None = None) -> torch.Tensor:
+                   heads_last: bool = False) -> torch.Tensor:
     """Attention of folded queries q [B, KV, R, D] over k/v [B, KV, N, D] (any strides, last dim
     contiguous; a batch-1 cache `.expand`ed over B is fine) where folded row r (query r % Q) sees
     the keys j < key_limit[r % Q]; key_limit: integer tensor [Q] on q's device. Softmax in fp32,
     result [B, KV, R, D] in q's dtype; a row that sees no key is 0. No host sync (graph-capturable).
     `config` overrides the automatic plan (tests, tuning). Without Triton: the reference.
     heads_last=True returns the same values as [B, Q, KV * g, D] (query-head h = kv * g + j, the
-    layout the output projection reads after a view), written in place by the kernel: no copy.
-    bounds: tile_bounds(key_limit, R, N, block_m) precomputed, for a warp-specialized config (else made here)."""
+    layout the output projection reads after a view), written in place by the kernel: no copy."""
     if not available(q):
         out = slot_attention_reference(q, k, v, key_limit, scale)
         return _to_heads_last(out, key_limit.shape[0]) if heads_last else out
@@ -651,20 +618,13 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_limit:
         # Without a split (the prefill) no prefetch and no early trigger: the launch as measured for
         # MANY_ROWS. With one, the few-rows kernel's PDL options.
         options = _prefetch_options(pdl, q, block_d, c.block_n) if split else ({"launch_pdl": True} if pdl else {})
-        if c.warp_specialize:
-            if bounds is None:
-                bounds = tile_bounds(key_limit, rows, n_keys, c.block_m)
-            elif bounds.shape != (p.row_tiles, 2) or bounds.dtype != torch.int32 or bounds.device != q.device:
-                raise ValueError(f"bounds must be int32 [{p.row_tiles}, 2] on {q.device} (tile_bounds), "
-                                 f"got {bounds.dtype} {tuple(bounds.shape)} on {bounds.device}")
         _slot_attention_tma_fwd[(p.row_tiles, b * n_kv, p.splits)](
-            _descriptor(q, c.block_m), _descriptor(k, c.block_n), _descriptor(v, c.block_n), k, v, key_limit,
-            bounds if c.warp_specialize else key_limit, out,
+            _descriptor(q, c.block_m), _descriptor(k, c.block_n), _descriptor(v, c.block_n), k, v, key_limit, out,
             o_part, m_part, l_part, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             so_b, so_h, so_j, so_q, key_limit.stride(0), n_kv, rows, n_q, n_keys, p.chunk, p.splits,
             scale * math.log2(math.e),
             HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, SPLIT=split, UPCAST=upcast, PRECISION=precision,
-            USE_PDL=pdl, WS=c.warp_specialize, num_warps=c.num_warps, num_stages=c.num_stages, **options)
+            USE_PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, **options)
     else:
         counter = split_counters(q.device, p.row_tiles * b * n_kv) if p.fused_merge else out
         _slot_attention_fwd[(p.row_tiles, b * n_kv, p.splits)](
