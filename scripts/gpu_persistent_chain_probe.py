@@ -12,7 +12,7 @@ chain     the engine's own dispatch (graphs.linear / graphs.gate_up_swiglu: on t
 cublas    the same chain through F.linear and fused_swiglu.
 persist   one launch for all layers: a grid of one program per SM, each GEMM cut in column tiles dealt
           round robin (tile widths chosen so the tiles fill the grid evenly), a grid barrier (an atomic
-          counter: release on arrival, acquire on leaving) between consecutive GEMMs.
+          counter: release on arrival, acquire on leaving) between consecutive GEMMs. xN: N programs per SM.
 persist+  the same, each program hinting the first K chunk of its next tile into L2 (prefetch.global.L2)
           before it waits at the barrier, so the next GEMM's first weight bytes are on chip when it starts.
 Also one GEMM reading the same bytes as a layer (M=rows, N=47104, K=4096, F.linear): the bandwidth a
@@ -72,12 +72,13 @@ def _hint_first_chunk(W, N, K, pid, TN: tl.constexpr, PF_K: tl.constexpr):
 
 @triton.jit
 def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr, M_PAD: tl.constexpr,
-                TN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr, KH, UPCAST: tl.constexpr):
+                TN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr, KH, UPCAST: tl.constexpr,
+                FLAT: tl.constexpr):
     """Y[:ROWS, :N] = A @ W.T with A = X[:ROWS, :K] (SWIGLU: silu(X[:, :K]) * X[:, KH:KH+K]); the N axis in
     TN-wide tiles, tile t done by program t % grid, whole K each (no split, no atomics)."""
     rows = tl.arange(0, M_PAD)
     row_ok = (rows < ROWS)[:, None]
-    for t in range(pid, N // TN, grid):
+    for t in tl.range(pid, N // TN, grid, flatten=FLAT):  # FLAT: one software pipeline over all tiles' K
         cols = t * TN + tl.arange(0, TN)
         acc = tl.zeros([M_PAD, TN], dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -92,7 +93,7 @@ def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr
             if UPCAST:  # Triton's interpreter (the CPU check) gets tl.dot wrong on bf16 inputs
                 acc += tl.dot(a.to(tl.float32), tl.trans(w).to(tl.float32))
             else:
-                acc += tl.dot(a, tl.trans(w))
+                acc = tl.dot(a, tl.trans(w), acc)
         tl.store(Y + rows[:, None] * y_stride + cols[None, :], acc.to(tl.bfloat16), mask=row_ok)
 
 
@@ -100,7 +101,8 @@ def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr
 def _chain_kernel(X0, W1, W2, W3, W4, B1, B2, B3, B4, COUNTER, n_layers, grid,
                   ROWS: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr, FF: tl.constexpr,
                   TN1: tl.constexpr, TN2: tl.constexpr, TN3: tl.constexpr, TN4: tl.constexpr, BK: tl.constexpr,
-                  PREFETCH: tl.constexpr, PF_K: tl.constexpr, UPCAST: tl.constexpr = False):
+                  PREFETCH: tl.constexpr, PF_K: tl.constexpr, UPCAST: tl.constexpr = False,
+                  FLAT: tl.constexpr = False, GEMMS: tl.constexpr = True):
     pid = tl.program_id(0)
     barriers = 0
     for layer in range(n_layers):
@@ -109,25 +111,30 @@ def _chain_kernel(X0, W1, W2, W3, W4, B1, B2, B3, B4, COUNTER, n_layers, grid,
         w2 = W2 + lay * D * D
         w3 = W3 + lay * 2 * FF * D
         w4 = W4 + lay * D * FF
-        if layer == 0:
-            _gemm_phase(X0, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST)
+        if not GEMMS:
+            pass
+        elif layer == 0:
+            _gemm_phase(X0, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT)
         else:
-            _gemm_phase(B4, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST)
+            _gemm_phase(B4, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT)
         if PREFETCH:
             _hint_first_chunk(w2, D, D, pid, TN2, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
-        _gemm_phase(B1, NQKV, w2, B2, D, D, D, pid, grid, ROWS, M_PAD, TN2, BK, False, 0, UPCAST)
+        if GEMMS:
+            _gemm_phase(B1, NQKV, w2, B2, D, D, D, pid, grid, ROWS, M_PAD, TN2, BK, False, 0, UPCAST, FLAT)
         if PREFETCH:
             _hint_first_chunk(w3, 2 * FF, D, pid, TN3, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
-        _gemm_phase(B2, D, w3, B3, 2 * FF, 2 * FF, D, pid, grid, ROWS, M_PAD, TN3, BK, False, 0, UPCAST)
+        if GEMMS:
+            _gemm_phase(B2, D, w3, B3, 2 * FF, 2 * FF, D, pid, grid, ROWS, M_PAD, TN3, BK, False, 0, UPCAST, FLAT)
         if PREFETCH:
             _hint_first_chunk(w4, D, FF, pid, TN4, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
-        _gemm_phase(B3, 2 * FF, w4, B4, D, D, FF, pid, grid, ROWS, M_PAD, TN4, BK, True, FF, UPCAST)
+        if GEMMS:
+            _gemm_phase(B3, 2 * FF, w4, B4, D, D, FF, pid, grid, ROWS, M_PAD, TN4, BK, True, FF, UPCAST, FLAT)
         if PREFETCH:
             if layer + 1 < n_layers:
                 _hint_first_chunk(W1 + (lay + 1) * NQKV * D, NQKV, D, pid, TN1, PF_K)
@@ -150,16 +157,36 @@ def tile_width(n: int, grid: int) -> int:
 
 
 def persistent_chain(x, w1, w2, w3, w4, bufs, counter, grid, prefetch, bk=256, warps=4, stages=4, pf_k=512,
-                     upcast=False):
+                     upcast=False, flat=False, gemms=True):
     rows = x.shape[0]
     b1, b2, b3, b4 = bufs
+    args = (x, w1, w2, w3, w4, b1, b2, b3, b4, counter, w1.shape[0], grid)
+    options = dict(ROWS=rows, M_PAD=max(16, triton.next_power_of_2(rows)), D=D, NQKV=NQKV, FF=FF,
+                   TN1=tile_width(NQKV, grid), TN2=tile_width(D, grid), TN3=tile_width(2 * FF, grid),
+                   TN4=tile_width(D, grid), BK=bk, PREFETCH=prefetch, PF_K=pf_k, UPCAST=upcast, FLAT=flat,
+                   GEMMS=gemms, num_warps=warps, num_stages=stages)
+    if x.is_cuda:  # the grid barrier hangs unless every program is resident at once: check before launching
+        k = _chain_kernel.warmup(*args, grid=(grid,), **options)
+        k._init_handles()
+        fit = resident_per_sm(k.n_regs, k.metadata.shared, warps, x.device)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if fit * sms < grid:
+            raise RuntimeError(f"{grid} programs cannot all be resident ({fit} per SM: {k.n_regs} registers, "
+                               f"{k.metadata.shared} B shared): the barrier would hang")
     counter.zero_()
-    _chain_kernel[(grid,)](x, w1, w2, w3, w4, b1, b2, b3, b4, counter, w1.shape[0], grid,
-                           ROWS=rows, M_PAD=max(16, triton.next_power_of_2(rows)), D=D, NQKV=NQKV, FF=FF,
-                           TN1=tile_width(NQKV, grid), TN2=tile_width(D, grid), TN3=tile_width(2 * FF, grid),
-                           TN4=tile_width(D, grid), BK=bk, PREFETCH=prefetch, PF_K=pf_k, UPCAST=upcast,
-                           num_warps=warps, num_stages=stages)
+    _chain_kernel[(grid,)](*args, **options)
     return b4
+
+
+def resident_per_sm(regs: int, shared: int, warps: int, device) -> int:
+    """Programs of this kernel one SM holds at once (registers allocated per warp in units of 256,
+    shared memory, threads), as the occupancy calculator counts them."""
+    p = torch.cuda.get_device_properties(device)
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (per_warp * warps)
+    by_shared = getattr(p, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)  # + 1 KB the runtime reserves
+    by_threads = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return min(by_regs, by_shared, by_threads)
 
 
 def kernel_chain(x, w1, w2, w3, w4, linear, swiglu_gemm):
@@ -208,11 +235,19 @@ def main() -> None:
         "chain (engine kernels, PDL)": lambda: kernel_chain(x, w1, w2, w3, w4, G.linear, G.gate_up_swiglu),
         "cublas chain": lambda: kernel_chain(x, w1, w2, w3, w4, F.linear, swiglu_cublas),
     }
-    for bk, warps, stages in ((256, 4, 4), (128, 4, 4), (256, 4, 3), (512, 4, 3), (256, 8, 4)):
-        for pf in (False, True):
-            name = f"persist{'+' if pf else ''} bk{bk} w{warps} st{stages}"
-            variants[name] = (lambda bk=bk, w=warps, st=stages, pf=pf:
-                              persistent_chain(x, w1, w2, w3, w4, bufs, counter, sms, pf, bk, w, st))
+    # Run 1 (docs/bench/persistent_chain_h100_session11_run1.json): one program per SM, bk 128-512, 4-8 warps,
+    # with and without the L2 hints: 0.98-1.81 TB/s. Triton does not multi-buffer these weight loads (the
+    # M = 16 dot; attention_compile_sm90-style compiles show no async copies), so a program has one tile
+    # load in flight: run 2 puts several programs on each SM (all resident: ~12 KB of shared memory each).
+    for per_sm in (2, 3):
+        for bk, warps, stages in ((128, 4, 4), (256, 4, 3)):
+            for pf in (False, True):
+                name = f"persist{'+' if pf else ''} bk{bk} w{warps} st{stages} x{per_sm}"
+                variants[name] = (lambda bk=bk, w=warps, st=stages, pf=pf, n=per_sm:
+                                  persistent_chain(x, w1, w2, w3, w4, bufs, counter, n * sms, pf, bk, w, st))
+    for per_sm in (1, 2):
+        variants[f"barriers only (4 per layer) x{per_sm}"] = (
+            lambda n=per_sm: persistent_chain(x, w1, w2, w3, w4, bufs, counter, n * sms, False, gemms=False))
     big = weights(layer_bytes // (2 * D), D)
     for name, fn in variants.items():
         try:
@@ -221,9 +256,9 @@ def main() -> None:
             err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
             err1 = None
             if name.startswith("persist"):
-                _, bk, w, st = name.split()
-                out1 = persistent_chain(x, w1[:1], w2[:1], w3[:1], w4[:1], bufs, counter, sms, "+" in name,
-                                        int(bk[2:]), int(w[1:]), int(st[2:])).float()
+                _, bk, w, st, per_sm = name.split()
+                out1 = persistent_chain(x, w1[:1], w2[:1], w3[:1], w4[:1], bufs, counter, int(per_sm[1:]) * sms,
+                                        "+" in name, int(bk[2:]), int(w[1:]), int(st[2:])).float()
                 err1 = float((out1 - ref1).norm() / ref1.norm())
             g, _ = capture(fn)
             ms = replay_ms(g, args.replays)
