@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from flashdrive_ros.engine import graphs as G  # noqa: E402
 from gpu_timing import capture, replay_ms  # noqa: E402 (scripts/, beside this file)
@@ -73,9 +74,10 @@ def _hint_first_chunk(W, N, K, pid, TN: tl.constexpr, PF_K: tl.constexpr):
 @triton.jit
 def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr, M_PAD: tl.constexpr,
                 TN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr, KH, UPCAST: tl.constexpr,
-                FLAT: tl.constexpr):
+                FLAT: tl.constexpr, W_DESC, w_row0, TMA: tl.constexpr):
     """Y[:ROWS, :N] = A @ W.T with A = X[:ROWS, :K] (SWIGLU: silu(X[:, :K]) * X[:, KH:KH+K]); the N axis in
-    TN-wide tiles, tile t done by program t % grid, whole K each (no split, no atomics)."""
+    TN-wide tiles, tile t done by program t % grid, whole K each (no split, no atomics). TMA: W's tiles
+    through W_DESC (all layers stacked as [layers * N, K]; this layer's rows start at w_row0)."""
     rows = tl.arange(0, M_PAD)
     row_ok = (rows < ROWS)[:, None]
     for t in tl.range(pid, N // TN, grid, flatten=FLAT):  # FLAT: one software pipeline over all tiles' K
@@ -89,7 +91,10 @@ def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr
                 a = (g * tl.sigmoid(g) * u).to(tl.bfloat16)
             else:
                 a = tl.load(X + rows[:, None] * x_stride + ks[None, :], mask=row_ok, other=0.0)
-            w = tl.load(W + cols[:, None] * K + ks[None, :])
+            if TMA:  # bulk copy of the [TN, BK] tile into shared memory (multi-buffered by the pipeliner)
+                w = W_DESC.load([w_row0 + t * TN, k0])
+            else:
+                w = tl.load(W + cols[:, None] * K + ks[None, :])
             if UPCAST:  # Triton's interpreter (the CPU check) gets tl.dot wrong on bf16 inputs
                 acc += tl.dot(a.to(tl.float32), tl.trans(w).to(tl.float32))
             else:
@@ -98,11 +103,11 @@ def _gemm_phase(X, x_stride, W, Y, y_stride, N, K, pid, grid, ROWS: tl.constexpr
 
 
 @triton.jit
-def _chain_kernel(X0, W1, W2, W3, W4, B1, B2, B3, B4, COUNTER, n_layers, grid,
+def _chain_kernel(X0, W1, W2, W3, W4, B1, B2, B3, B4, COUNTER, n_layers, grid, D1, D2, D3, D4,
                   ROWS: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr, FF: tl.constexpr,
                   TN1: tl.constexpr, TN2: tl.constexpr, TN3: tl.constexpr, TN4: tl.constexpr, BK: tl.constexpr,
                   PREFETCH: tl.constexpr, PF_K: tl.constexpr, UPCAST: tl.constexpr = False,
-                  FLAT: tl.constexpr = False, GEMMS: tl.constexpr = True):
+                  FLAT: tl.constexpr = False, GEMMS: tl.constexpr = True, TMA: tl.constexpr = False):
     pid = tl.program_id(0)
     barriers = 0
     for layer in range(n_layers):
@@ -114,27 +119,32 @@ def _chain_kernel(X0, W1, W2, W3, W4, B1, B2, B3, B4, COUNTER, n_layers, grid,
         if not GEMMS:
             pass
         elif layer == 0:
-            _gemm_phase(X0, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT)
+            _gemm_phase(X0, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT,
+                        D1, layer * NQKV, TMA)
         else:
-            _gemm_phase(B4, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT)
+            _gemm_phase(B4, D, w1, B1, NQKV, NQKV, D, pid, grid, ROWS, M_PAD, TN1, BK, False, 0, UPCAST, FLAT,
+                        D1, layer * NQKV, TMA)
         if PREFETCH:
             _hint_first_chunk(w2, D, D, pid, TN2, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
         if GEMMS:
-            _gemm_phase(B1, NQKV, w2, B2, D, D, D, pid, grid, ROWS, M_PAD, TN2, BK, False, 0, UPCAST, FLAT)
+            _gemm_phase(B1, NQKV, w2, B2, D, D, D, pid, grid, ROWS, M_PAD, TN2, BK, False, 0, UPCAST, FLAT,
+                        D2, layer * D, TMA)
         if PREFETCH:
             _hint_first_chunk(w3, 2 * FF, D, pid, TN3, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
         if GEMMS:
-            _gemm_phase(B2, D, w3, B3, 2 * FF, 2 * FF, D, pid, grid, ROWS, M_PAD, TN3, BK, False, 0, UPCAST, FLAT)
+            _gemm_phase(B2, D, w3, B3, 2 * FF, 2 * FF, D, pid, grid, ROWS, M_PAD, TN3, BK, False, 0, UPCAST, FLAT,
+                        D3, layer * 2 * FF, TMA)
         if PREFETCH:
             _hint_first_chunk(w4, D, FF, pid, TN4, PF_K)
         barriers += 1
         _grid_barrier(COUNTER, barriers * grid)
         if GEMMS:
-            _gemm_phase(B3, 2 * FF, w4, B4, D, D, FF, pid, grid, ROWS, M_PAD, TN4, BK, True, FF, UPCAST, FLAT)
+            _gemm_phase(B3, 2 * FF, w4, B4, D, D, FF, pid, grid, ROWS, M_PAD, TN4, BK, True, FF, UPCAST, FLAT,
+                        D4, layer * D, TMA)
         if PREFETCH:
             if layer + 1 < n_layers:
                 _hint_first_chunk(W1 + (lay + 1) * NQKV * D, NQKV, D, pid, TN1, PF_K)
@@ -157,14 +167,16 @@ def tile_width(n: int, grid: int) -> int:
 
 
 def persistent_chain(x, w1, w2, w3, w4, bufs, counter, grid, prefetch, bk=256, warps=4, stages=4, pf_k=512,
-                     upcast=False, flat=False, gemms=True):
+                     upcast=False, flat=False, gemms=True, tma=False):
     rows = x.shape[0]
     b1, b2, b3, b4 = bufs
-    args = (x, w1, w2, w3, w4, b1, b2, b3, b4, counter, w1.shape[0], grid)
+    tns = (tile_width(NQKV, grid), tile_width(D, grid), tile_width(2 * FF, grid), tile_width(D, grid))
+    descs = [TensorDescriptor.from_tensor(w.reshape(-1, w.shape[-1]), [tn, bk]) if tma else w
+             for w, tn in zip((w1, w2, w3, w4), tns)]
+    args = (x, w1, w2, w3, w4, b1, b2, b3, b4, counter, w1.shape[0], grid, *descs)
     options = dict(ROWS=rows, M_PAD=max(16, triton.next_power_of_2(rows)), D=D, NQKV=NQKV, FF=FF,
-                   TN1=tile_width(NQKV, grid), TN2=tile_width(D, grid), TN3=tile_width(2 * FF, grid),
-                   TN4=tile_width(D, grid), BK=bk, PREFETCH=prefetch, PF_K=pf_k, UPCAST=upcast, FLAT=flat,
-                   GEMMS=gemms, num_warps=warps, num_stages=stages)
+                   TN1=tns[0], TN2=tns[1], TN3=tns[2], TN4=tns[3], BK=bk, PREFETCH=prefetch, PF_K=pf_k,
+                   UPCAST=upcast, FLAT=flat, GEMMS=gemms, TMA=tma, num_warps=warps, num_stages=stages)
     if x.is_cuda:  # the grid barrier hangs unless every program is resident at once: check before launching
         k = _chain_kernel.warmup(*args, grid=(grid,), **options)
         k._init_handles()
@@ -239,12 +251,14 @@ def main() -> None:
     # with and without the L2 hints: 0.98-1.81 TB/s. Triton does not multi-buffer these weight loads (the
     # M = 16 dot; attention_compile_sm90-style compiles show no async copies), so a program has one tile
     # load in flight: run 2 puts several programs on each SM (all resident: ~12 KB of shared memory each).
-    for per_sm in (2, 3):
-        for bk, warps, stages in ((128, 4, 4), (256, 4, 3)):
+    # Run 2 (..._run2.json): 2-3 programs per SM did not help (0.97-1.46 TB/s); a grid barrier costs ~1.1 us.
+    # Run 3: the weight tiles through TMA (bulk copies the pipeliner multi-buffers), 1-2 programs per SM.
+    for per_sm in (1, 2):
+        for bk, warps, stages in ((128, 4, 4), (128, 4, 6), (256, 4, 4)):
             for pf in (False, True):
-                name = f"persist{'+' if pf else ''} bk{bk} w{warps} st{stages} x{per_sm}"
+                name = f"persist{'+' if pf else ''} bk{bk} w{warps} st{stages} x{per_sm} tma"
                 variants[name] = (lambda bk=bk, w=warps, st=stages, pf=pf, n=per_sm:
-                                  persistent_chain(x, w1, w2, w3, w4, bufs, counter, n * sms, pf, bk, w, st))
+                                  persistent_chain(x, w1, w2, w3, w4, bufs, counter, n * sms, pf, bk, w, st, tma=True))
     for per_sm in (1, 2):
         variants[f"barriers only (4 per layer) x{per_sm}"] = (
             lambda n=per_sm: persistent_chain(x, w1, w2, w3, w4, bufs, counter, n * sms, False, gemms=False))
@@ -256,9 +270,9 @@ def main() -> None:
             err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
             err1 = None
             if name.startswith("persist"):
-                _, bk, w, st, per_sm = name.split()
+                _, bk, w, st, per_sm, *tma = name.split()
                 out1 = persistent_chain(x, w1[:1], w2[:1], w3[:1], w4[:1], bufs, counter, int(per_sm[1:]) * sms,
-                                        "+" in name, int(bk[2:]), int(w[1:]), int(st[2:])).float()
+                                        "+" in name, int(bk[2:]), int(w[1:]), int(st[2:]), tma=bool(tma)).float()
                 err1 = float((out1 - ref1).norm() / ref1.norm())
             g, _ = capture(fn)
             ms = replay_ms(g, args.replays)
