@@ -38,16 +38,10 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from flashdrive_ros.engine import graphs as G  # noqa: E402
+from flashdrive_ros.engine.attention_kernel import _prefetch_l2  # noqa: E402 (the engine's L2 hint)
 from gpu_timing import capture, replay_ms  # noqa: E402 (scripts/, beside this file)
 
 D, NQKV, FF = 4096, 6144, 12288
-LINE = 128  # bytes per L2 prefetch hint
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
