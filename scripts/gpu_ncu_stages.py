@@ -38,11 +38,12 @@ METRICS = (
     "dram__bytes_read.sum",
     "dram__bytes_write.sum",
     "lts__t_bytes.sum",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "sm__warps_active.avg.pct_of_peak_sustained_active",
-    "launch__grid_size",
-    "launch__registers_per_thread",
-)
+)  # launch__grid_size / launch__registers_per_thread come with the raw page anyway
 
 
 # ------------------------------------------------------------------------------------------ device side
@@ -148,6 +149,7 @@ def summarize(stage_rows: dict[str, list[dict]]) -> dict:
                              ("sm_pct", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
                              ("hmma_pct", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed"),
                              ("gmma_pct", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed"),
+                             ("tensor_pct", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed"),
                              ("occupancy_pct", "sm__warps_active.avg.pct_of_peak_sustained_active")):
                 v = _num(r.get(col, ""))
                 if v is not None and dur is not None:  # duration-weighted mean
@@ -163,7 +165,7 @@ def summarize(stage_rows: dict[str, list[dict]]) -> dict:
             for key in ("us", "dram_read_MB", "dram_write_MB", "l2_MB", "grid", "regs"):
                 if key in g:
                     k[key] = round(g[key], 3)
-            for key in ("dram_pct", "sm_pct", "hmma_pct", "gmma_pct", "occupancy_pct"):
+            for key in ("dram_pct", "sm_pct", "hmma_pct", "gmma_pct", "tensor_pct", "occupancy_pct"):
                 if g.get("_wdur_" + key):
                     k[key] = round(g[key + "_w"] / g["_wdur_" + key], 1)
             if k.get("us"):
@@ -184,7 +186,7 @@ def table(summary: dict) -> str:
         lines.append(f"{'kernel':<56}{'n':>5}{'us/launch':>10}{'DRAM MB':>9}{'TB/s':>6}{'DRAM%':>6}{'SM%':>5}"
                      f"{'TC%':>5}{'occ%':>5}{'grid':>6}{'regs':>5}")
         for k in s["kernels"][:14]:
-            tc = k.get("gmma_pct", 0) + k.get("hmma_pct", 0) if ("gmma_pct" in k or "hmma_pct" in k) else None
+            tc = next((k[t] for t in ("tensor_pct", "gmma_pct", "hmma_pct") if t in k), None)
             lines.append(f"{k['name'][:55]:<56}{k['launches']:>5}{k.get('us_per_launch', 0):>10.2f}"
                          f"{(k.get('dram_read_MB', 0) + k.get('dram_write_MB', 0)) / k['launches']:>9.2f}"
                          f"{k.get('dram_TBps', 0):>6.2f}{k.get('dram_pct', 0):>6.0f}{k.get('sm_pct', 0):>5.0f}"
