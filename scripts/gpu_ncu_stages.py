@@ -2,6 +2,8 @@
 
     python scripts/gpu_ncu_stages.py --out DIR [--stages encode,prefill,verify,draft,action] [--count N]
     python scripts/gpu_ncu_stages.py --parse DIR/ncu.csv --out DIR     # the tables again (no GPU)
+    python scripts/gpu_ncu_stages.py --parse docs/bench/ncu_verify_action_h100_session12.csv.gz \
+        --stages verify,action --out /tmp/ncu                            # session 12's H100 run
 
 docs/ROOFLINE.md infers from timings that the few-row passes (verify, action) are bound by per-kernel
 latency rather than by bytes; this asks Nsight Compute. The script starts itself under `ncu` (kernel
@@ -31,17 +33,14 @@ MARK = "spin_kernel"  # torch.cuda._sleep's kernel: separates the stages in the 
 STAGES = ("encode", "prefill", "verify", "draft", "action")
 GRAPH_KEYS = {"encode": "encode1", "prefill": "prefill1", "verify": "verify", "draft": "draft", "action": "action_adaptive"}
 # Wanted metrics; the ones this ncu does not know are dropped (checked with --query-metrics first). Few, so
-# that one pass collects them: a second pass makes ncu save and restore the memory a kernel may write,
-# and this process holds ~41 GB.
+# that one pass collects them: this set profiled 700 kernels in ~2 min on the H100; adding DRAM / SM
+# throughput and tensor-pipe percentages (several passes, each kernel's memory saved and restored, in a
+# process holding ~41 GB) did not finish ~800 kernels in 7 min.
 METRICS = (
     "gpu__time_duration.sum",
     "dram__bytes_read.sum",
     "dram__bytes_write.sum",
     "lts__t_bytes.sum",
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
-    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
-    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
-    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "sm__warps_active.avg.pct_of_peak_sustained_active",
 )  # launch__grid_size / launch__registers_per_thread come with the raw page anyway
 
@@ -107,7 +106,12 @@ def _num(s: str) -> float | None:
 
 def read_rows(path: Path) -> list[dict]:
     """ncu --csv --page raw: a header row, a units row, then one row per profiled kernel."""
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith('"')]
+    if path.suffix == ".gz":
+        import gzip
+        text = gzip.decompress(path.read_bytes()).decode(errors="replace")
+    else:
+        text = path.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     rows = list(csv.reader(lines))
     if len(rows) < 2:
         return []
@@ -134,9 +138,10 @@ def summarize(stage_rows: dict[str, list[dict]]) -> dict:
         by = defaultdict(lambda: defaultdict(float))
         tot = defaultdict(float)
         for r in rows:
-            name = r.get("Kernel Name", "?")
-            name = name.split("(")[0][:70]
-            g = by[name]
+            name = r.get("Kernel Name", "?").split("(")[0][:70]
+            grid = _num(r.get("launch__grid_size", ""))
+            # one row per kernel and grid size: the same kernel at different shapes stays apart
+            g = by[(name, grid)]
             g["launches"] += 1
             dur = _num(r.get("gpu__time_duration.sum", ""))
             for key, col, scale in (("us", "gpu__time_duration.sum", 1e-3), ("dram_read_MB", "dram__bytes_read.sum", 1e-6),
@@ -160,7 +165,7 @@ def summarize(stage_rows: dict[str, list[dict]]) -> dict:
                 if v is not None:
                     g[key] = v
         kernels = []
-        for name, g in by.items():
+        for (name, _), g in by.items():
             k = {"name": name, "launches": int(g["launches"])}
             for key in ("us", "dram_read_MB", "dram_write_MB", "l2_MB", "grid", "regs"):
                 if key in g:
@@ -183,15 +188,18 @@ def table(summary: dict) -> str:
         lines.append(f"\n### {stage}: {s['launches']} kernels, {s.get('us', 0) / 1000:.2f} ms standalone, "
                      f"DRAM read {s.get('dram_read_MB', 0):.0f} MB / write {s.get('dram_write_MB', 0):.0f} MB, "
                      f"L2 {s.get('l2_MB', 0):.0f} MB")
-        lines.append(f"{'kernel':<56}{'n':>5}{'us/launch':>10}{'DRAM MB':>9}{'TB/s':>6}{'DRAM%':>6}{'SM%':>5}"
-                     f"{'TC%':>5}{'occ%':>5}{'grid':>6}{'regs':>5}")
-        for k in s["kernels"][:14]:
+        lines.append(f"{'kernel':<48}{'n':>5}{'us/launch':>10}{'DRAM MB':>9}{'L2 MB':>8}{'TB/s':>6}{'DRAM%':>6}{'SM%':>5}"
+                     f"{'TC%':>5}{'occ%':>5}{'grid':>7}{'regs':>5}")
+
+        def pct(v):  # a metric this run did not collect shows as '-'
+            return "-" if v is None else f"{v:.0f}"
+        for k in s["kernels"][:16]:
+            n = k["launches"]
             tc = next((k[t] for t in ("tensor_pct", "gmma_pct", "hmma_pct") if t in k), None)
-            lines.append(f"{k['name'][:55]:<56}{k['launches']:>5}{k.get('us_per_launch', 0):>10.2f}"
-                         f"{(k.get('dram_read_MB', 0) + k.get('dram_write_MB', 0)) / k['launches']:>9.2f}"
-                         f"{k.get('dram_TBps', 0):>6.2f}{k.get('dram_pct', 0):>6.0f}{k.get('sm_pct', 0):>5.0f}"
-                         f"{'' if tc is None else f'{tc:.0f}':>5}{k.get('occupancy_pct', 0):>5.0f}"
-                         f"{k.get('grid', 0):>6.0f}{k.get('regs', 0):>5.0f}")
+            lines.append(f"{k['name'][:47]:<48}{n:>5}{k.get('us_per_launch', 0):>10.2f}"
+                         f"{(k.get('dram_read_MB', 0) + k.get('dram_write_MB', 0)) / n:>9.2f}{k.get('l2_MB', 0) / n:>8.2f}"
+                         f"{k.get('dram_TBps', 0):>6.2f}{pct(k.get('dram_pct')):>6}{pct(k.get('sm_pct')):>5}"
+                         f"{pct(tc):>5}{pct(k.get('occupancy_pct')):>5}{k.get('grid', 0):>7.0f}{k.get('regs', 0):>5.0f}")
     return "\n".join(lines)
 
 
