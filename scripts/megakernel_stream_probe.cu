@@ -56,9 +56,11 @@ struct Phase {
   float* y;
   int n;
   int spin_cycles;  // latency phase after this GEMM's barrier (0: none)
+  int barrier;      // 1: grid barrier after this GEMM (0: the CTAs run on independently)
 };
 
 __device__ unsigned int g_arrived;
+__device__ long long g_clock[2];  // CTA 0's SM cycles and global-timer ns over the whole kernel
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -110,6 +112,8 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   for (int i = tid; i < MAX_ROWS_PER_CTA * M; i += THREADS) out[i] = 0.f;
+  long long c0 = clock64(), g0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g0));
   __syncthreads();
 
   if (warp == CONSUMER_WARPS) {  // producer: stream every phase's rows, never waiting on the consumers' phases
@@ -215,8 +219,8 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
       }
     }
     // the next GEMM depends on every CTA's output: grid barrier, then the latency phase
-    ++barriers;
-    if (tid == 0) {
+    if (ph.barrier && tid == 0) {
+      ++barriers;
       __threadfence();
       atomicAdd(&g_arrived, 1u);
       const unsigned int target = barriers * ctas;
@@ -225,12 +229,18 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
         asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(&g_arrived) : "memory");
       } while (seen < target);
     }
-    consumers_sync();
+    if (ph.barrier) consumers_sync();
     if (ph.spin_cycles > 0) {
       const long long t0 = clock64();
       while (clock64() - t0 < ph.spin_cycles) {
       }
     }
+  }
+  if (cta == 0 && tid == 0) {
+    long long g1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g1));
+    g_clock[0] = clock64() - c0;
+    g_clock[1] = g1 - g0;
   }
 }
 
@@ -320,13 +330,13 @@ int main(int argc, char** argv) {
   Phase* dev_phases;
   CK(cudaMalloc(&dev_phases, sizeof(Phase) * layers * GEMMS_PER_LAYER));
 
-  auto phases_with = [&](double attn_us, double norm_us) {
+  auto phases_with = [&](double attn_us, double norm_us, int barrier = 1) {
     std::vector<Phase> ph;
     for (int l = 0; l < layers; ++l)
       for (int g = 0; g < GEMMS_PER_LAYER; ++g) {
         // outputs of layer 0 kept for the check; later layers overwrite their own scratch (same buffers)
         const double spin = g == 0 ? attn_us : (g == 1 ? norm_us : (g == 3 ? norm_us : 0.0));
-        ph.push_back({w[l * 4 + g], x, y[g], ns[g], static_cast<int>(spin * cycles_per_us)});
+        ph.push_back({w[l * 4 + g], x, y[g], ns[g], static_cast<int>(spin * cycles_per_us), barrier});
       }
     return ph;
   };
@@ -363,16 +373,28 @@ int main(int argc, char** argv) {
     run<12, true>(one, dev_phases, ctas, 1);
     std::printf("one layer vs fp32 reference: rel. L2 error %.2e\n", check());
   }
+  auto clock_mhz = [&]() {
+    long long c[2];
+    CK(cudaMemcpyFromSymbol(c, g_clock, sizeof(c)));
+    return c[1] > 0 ? 1e3 * c[0] / c[1] : 0.0;
+  };
   const double spins[][2] = {{0, 0}, {4, 2}, {8, 2}, {12, 3}, {16, 3}};
-  for (auto& s : spins) {
+  for (auto& sp : spins) {
     char name[96];
-    std::vector<Phase> ph = phases_with(s[0], s[1]);
-    std::snprintf(name, sizeof(name), "stream only, 12 x 16 KB, attn %g + norms 2x%g us", s[0], s[1]);
+    std::vector<Phase> ph = phases_with(sp[0], sp[1]);
+    std::snprintf(name, sizeof(name), "stream only, 12 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
     report(name, run<12, false>(ph, dev_phases, ctas, reps), -1);
-    std::snprintf(name, sizeof(name), "stream only,  4 x 16 KB, attn %g + norms 2x%g us", s[0], s[1]);
+    std::printf("    (SM clock over the kernel: %.0f MHz)\n", clock_mhz());
+    std::snprintf(name, sizeof(name), "stream only,  4 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
     report(name, run<4, false>(ph, dev_phases, ctas, reps), -1);
-    std::snprintf(name, sizeof(name), "fp32 FMA,    12 x 16 KB, attn %g + norms 2x%g us", s[0], s[1]);
+    std::snprintf(name, sizeof(name), "stream only,  2 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
+    report(name, run<2, false>(ph, dev_phases, ctas, reps), -1);
+    std::snprintf(name, sizeof(name), "fp32 FMA,    12 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
     report(name, run<12, true>(ph, dev_phases, ctas, reps), -1);
+    std::snprintf(name, sizeof(name), "no barriers, 12 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
+    report(name, run<12, false>(phases_with(sp[0], sp[1], 0), dev_phases, ctas, reps), -1);
+    std::snprintf(name, sizeof(name), "no barriers,  2 x 16 KB, attn %g + norms 2x%g us", sp[0], sp[1]);
+    report(name, run<2, false>(phases_with(sp[0], sp[1], 0), dev_phases, ctas, reps), -1);
   }
   std::printf("latency phases per layer in the engine today (ncu, standalone): attention ~12, norms ~4 each\n");
   return 0;
