@@ -90,6 +90,20 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory"); }
 
+// SLICE bf16 values (16-byte vectors) -> fp32: a bf16 is the top half of the float with the same bits
+__device__ __forceinline__ void unpack_bf16(const uint4* src, float* dst) {
+#pragma unroll
+  for (int h = 0; h < SLICE / 8; ++h) {
+    const uint4 v = src[h];
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      dst[h * 8 + 2 * j] = __uint_as_float(u[j] << 16);
+      dst[h * 8 + 2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    }
+  }
+}
+
 __device__ __forceinline__ void row_range(int n, int cta, int ctas, int& r0, int& r1) {
   r0 = static_cast<int>((static_cast<long long>(n) * cta) / ctas);
   r1 = static_cast<int>((static_cast<long long>(n) * (cta + 1)) / ctas);
@@ -150,17 +164,7 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
     if (COMPUTE) {
 #pragma unroll
       for (int t = 0; t < M; ++t) {
-        const uint4* src = reinterpret_cast<const uint4*>(ph.x + t * K + k0);
-#pragma unroll
-        for (int h = 0; h < SLICE / 8; ++h) {
-          uint4 v = src[h];
-          const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            xr[t][h * 8 + 2 * j] = __uint_as_float(u[j] << 16);
-            xr[t][h * 8 + 2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
-          }
-        }
+        unpack_bf16(reinterpret_cast<const uint4*>(ph.x + t * K + k0), xr[t]);
       }
     }
     int r0, r1;
@@ -172,16 +176,7 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
         for (int rr = 0; rr < rows; ++rr) {
           const uint4* wv = reinterpret_cast<const uint4*>(ring + stage * CHUNK_BYTES + rr * ROW_BYTES + k0 * 2);
           float wf[SLICE];
-#pragma unroll
-          for (int h = 0; h < SLICE / 8; ++h) {
-            uint4 v = wv[h];
-            const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              wf[h * 8 + 2 * j] = __uint_as_float(u[j] << 16);
-              wf[h * 8 + 2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
-            }
-          }
+          unpack_bf16(wv, wf);
           float acc[M];
 #pragma unroll
           for (int t = 0; t < M; ++t) {
