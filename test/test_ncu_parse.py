@@ -1,7 +1,7 @@
 """Parsing Nsight Compute's per-kernel CSV into per-stage tables (scripts/gpu_ncu_stages.py).
 
 Specification:
-- `read_rows` takes ncu's `--csv --page raw` log: ncu's own "==PROF==" lines are skipped, the header names the
+- `read_rows` takes ncu's `--csv --page raw` log: ncu's own "==PROF==" lines are left out, the header names the
   columns, the units row (first cell empty) is not a kernel; thousands separators are read as numbers.
 - `split_stages` gives the kernels between the i-th and (i+1)-th marker kernel (torch.cuda._sleep's
   `spin_kernel`) to the i-th stage; kernels before the first marker or after the last stage are dropped.
@@ -46,7 +46,7 @@ CSV = """==PROF== Connected to process 1
 """
 
 
-def test_rows_skip_ncu_lines_and_the_units_row(ncu, tmp_path):
+def test_rows_leave_out_ncu_lines_and_the_units_row(ncu, tmp_path):
     p = tmp_path / "ncu.csv"
     p.write_text(CSV)
     rows = ncu.read_rows(p)
