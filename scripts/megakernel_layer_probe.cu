@@ -23,29 +23,14 @@
 // 16 x 8 tiles are summed through shared memory and warp 0 runs the epilogue.
 //
 // Printed: max relative error of 2 layers against a naive reference chain, then us per layer and weight TB/s.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);      \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
+#include "megakernel_common.cuh"
 
-constexpr int M = 8;           // token rows of a verify pass
-constexpr int H = 4096;        // hidden width = K of every unit
-constexpr int QKV = 6144;      // 32 q heads + 2 x 8 kv heads of 128
-constexpr int INTER = 12288;   // SwiGLU width
+using namespace layer;
+
 constexpr int KT = H / 16;     // 256 K-tiles per unit
 constexpr int TILE_BYTES = 512;                       // one 16 x 16 bf16 A operand, lane-major
 constexpr int UNIT_BYTES = KT * TILE_BYTES;           // 128 KB
@@ -56,7 +41,6 @@ constexpr int CONSUMERS = CONSUMER_WARPS * 32;
 constexpr int THREADS = CONSUMERS + 32;                // + the producer warp
 constexpr int KT_PER_WARP = KT / CONSUMER_WARPS;       // 16
 constexpr int STEPS_PER_LAYER = 4;
-constexpr float EPS = 1e-6f;
 
 enum Input { RMS_OF_RIN = 0, PACKED_A = 1, RMS_OF_ROUT = 2, PACKED_S = 3 };
 enum Epilogue { TO_A = 0, RESIDUAL = 1, SWIGLU = 2, ACCUMULATE = 3 };
@@ -75,56 +59,7 @@ struct Step {
 
 __device__ long long g_clock[2];
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_u32(dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-}
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory"); }
-__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-// index of x[token t][k] in the packed B-operand layout [k/16][lane][4]
-__host__ __device__ __forceinline__ size_t packed_x_index(int t, int k) {
-  const int kt = k / 16, kk = k % 16;
-  const int lane = t * 4 + (kk % 8) / 2;
-  return (static_cast<size_t>(kt) * 32 + lane) * 4 + (kk / 8) * 2 + kk % 2;
-}
-
 // Shared memory: ring | partial tiles [2][16 warps][32 lanes][4] | row sums [16][8] | headers | barriers
 struct Smem {
   __host__ __device__ static constexpr size_t red_off(int stages) { return static_cast<size_t>(stages) * SLOT_BYTES; }
@@ -141,11 +76,6 @@ constexpr int RELEASE_ADD = 8;  // count a finished unit with one release add in
 constexpr int TRACE = 16;       // per step: first claim, first dependency met, last unit finished (globaltimer)
 
 __device__ unsigned long long g_trace[4096][3];
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -361,28 +291,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 }
 
-// ---- weights: logical layouts filled with a hash, then packed into units on the GPU ----
-__global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = __float2bfloat16(scale * (static_cast<float>(h & 0xffffu) / 32768.f - 1.f));
-  }
-}
-__global__ void fill_f32(float* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2246822519u ^ seed;
-    h ^= h >> 15;
-    h *= 0x2c1b3c6du;
-    h ^= h >> 12;
-    p[i] = static_cast<float>(h & 0xffffu) / 32768.f - 1.f;
-  }
-}
-
+// ---- weights: logical layouts filled with a hash (megakernel_common.cuh), then packed into units on the GPU ----
 // Packed unit u (16 rows x 4096 K): element e of lane's 8 is A[r][c] with r = lane/4 + 8*((e/2)%2),
 // c = (lane%4)*2 + e%2 + 8*(e/4), the m16n8k16 A-fragment order, so a lane's fragment is one 16-byte load.
 // kind 0: rows of w (row-major [units*16][ld]) at column offset 0; kind 1: gate|up, tile rows 0-7 from w rows
@@ -394,7 +303,7 @@ __global__ void pack_units(const __nv_bfloat16* w, const __nv_bfloat16* w2, int 
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const int e = static_cast<int>(i % 8), lane = static_cast<int>((i / 8) % 32);
     const int kt = static_cast<int>((i / 256) % KT), u = static_cast<int>(i / (256 * KT));
-    const int r = lane / 4 + 8 * ((e / 2) % 2), c = kt * 16 + (lane % 4) * 2 + e % 2 + 8 * (e / 4);
+    const int r = a_frag_row(lane, e), c = kt * 16 + a_frag_col(lane, e);
     __nv_bfloat16 v;
     if (kind == 0) {
       v = w[static_cast<size_t>(u * 16 + r) * ld + c];
@@ -407,48 +316,6 @@ __global__ void pack_units(const __nv_bfloat16* w, const __nv_bfloat16* w2, int 
     out[i] = v;
   }
 }
-
-// ---- the naive reference chain (fp32 accumulate, bf16 at the same points as the kernel) ----
-__global__ void ref_rms(const float* r, __nv_bfloat16* out) {  // one block per token
-  __shared__ float part[256];
-  const int t = blockIdx.x;
-  float ss = 0.f;
-  for (int k = threadIdx.x; k < H; k += 256) ss += r[t * H + k] * r[t * H + k];
-  part[threadIdx.x] = ss;
-  __syncthreads();
-  for (int s = 128; s > 0; s >>= 1) {
-    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float inv = rsqrtf(part[0] / H + EPS);
-  for (int k = threadIdx.x; k < H; k += 256) out[t * H + k] = __float2bfloat16(r[t * H + k] * inv);
-}
-__global__ void ref_gemm(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y, int n, int k_dim) {
-  const int row = blockIdx.x * blockDim.x + threadIdx.x;
-  if (row >= n) return;
-  for (int t = 0; t < M; ++t) {
-    float a = 0.f;
-    for (int k = 0; k < k_dim; ++k)
-      a += __bfloat162float(w[static_cast<size_t>(row) * k_dim + k]) * __bfloat162float(x[t * k_dim + k]);
-    y[static_cast<size_t>(t) * n + row] = a;
-  }
-}
-__global__ void ref_q_to_bf16(const float* y, __nv_bfloat16* a) {  // a[t][k] = y[t][k], k < H
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < M * H) a[i] = __float2bfloat16(y[(i / H) * QKV + i % H]);
-}
-__global__ void ref_add(const float* x, const float* y, float* out) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < M * H) out[i] = x[i] + y[i];
-}
-__global__ void ref_swiglu(const float* g, const float* u, __nv_bfloat16* s) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < M * INTER) s[i] = __float2bfloat16(g[i] / (1.f + __expf(-g[i])) * u[i]);
-}
-
-struct LayerWeights {
-  __nv_bfloat16 *qkv, *o, *gate, *up, *down;  // logical layouts (kept for the reference layers only)
-};
 
 int main(int argc, char** argv) {
   const int layers = argc > 1 ? std::atoi(argv[1]) : 36;
@@ -464,31 +331,13 @@ int main(int argc, char** argv) {
 
   const int units[STEPS_PER_LAYER] = {QKV / 16, H / 16, 2 * INTER / 16, 3 * (H / 16)};
   std::vector<unsigned char*> packed(layers * STEPS_PER_LAYER);
-  std::vector<LayerWeights> logical(ref_layers);
+  std::vector<Weights> logical(ref_layers);
   size_t weight_bytes = 0;
-  LayerWeights tmp{};
-  CK(cudaMalloc(&tmp.qkv, static_cast<size_t>(QKV) * H * 2));
-  CK(cudaMalloc(&tmp.o, static_cast<size_t>(H) * H * 2));
-  CK(cudaMalloc(&tmp.gate, static_cast<size_t>(INTER) * H * 2));
-  CK(cudaMalloc(&tmp.up, static_cast<size_t>(INTER) * H * 2));
-  CK(cudaMalloc(&tmp.down, static_cast<size_t>(H) * INTER * 2));
+  const Weights tmp = alloc_weights();
   for (int l = 0; l < layers; ++l) {
-    LayerWeights lw = tmp;
-    if (l < ref_layers) {
-      CK(cudaMalloc(&lw.qkv, static_cast<size_t>(QKV) * H * 2));
-      CK(cudaMalloc(&lw.o, static_cast<size_t>(H) * H * 2));
-      CK(cudaMalloc(&lw.gate, static_cast<size_t>(INTER) * H * 2));
-      CK(cudaMalloc(&lw.up, static_cast<size_t>(INTER) * H * 2));
-      CK(cudaMalloc(&lw.down, static_cast<size_t>(H) * INTER * 2));
-      logical[l] = lw;
-    }
-    const uint32_t seed = 1000u + 16u * l;
-    const float sh = std::sqrt(3.f / H), si = std::sqrt(3.f / INTER);
-    fill_bf16<<<1024, 256>>>(lw.qkv, static_cast<size_t>(QKV) * H, seed + 0, sh);
-    fill_bf16<<<1024, 256>>>(lw.o, static_cast<size_t>(H) * H, seed + 1, sh);
-    fill_bf16<<<1024, 256>>>(lw.gate, static_cast<size_t>(INTER) * H, seed + 2, sh);
-    fill_bf16<<<1024, 256>>>(lw.up, static_cast<size_t>(INTER) * H, seed + 3, sh);
-    fill_bf16<<<1024, 256>>>(lw.down, static_cast<size_t>(H) * INTER, seed + 4, si);
+    const Weights lw = l < ref_layers ? alloc_weights() : tmp;
+    if (l < ref_layers) logical[l] = lw;
+    fill_weights(lw, l);
     for (int s = 0; s < STEPS_PER_LAYER; ++s) {
       const size_t bytes = static_cast<size_t>(units[s]) * UNIT_BYTES;
       CK(cudaMalloc(&packed[l * STEPS_PER_LAYER + s], bytes));
@@ -570,35 +419,7 @@ int main(int argc, char** argv) {
     std::vector<float> got(M * H), want(M * H), got_fast(M * H);
     run(layer_pass<12>, 12, steps_with(ref_layers, 0, 0), 1, got.data());
     run(layer_pass<8>, 8, steps_with(ref_layers, 0, 0), 1, got_fast.data(), CLAIM_WHOLE | RELEASE_ADD);
-    float *r0, *r1, *yq, *yo, *yg, *yu, *yd;
-    __nv_bfloat16 *xn, *ab, *sb;
-    CK(cudaMalloc(&r0, M * H * 4));
-    CK(cudaMalloc(&r1, M * H * 4));
-    CK(cudaMalloc(&yq, M * QKV * 4));
-    CK(cudaMalloc(&yo, M * H * 4));
-    CK(cudaMalloc(&yg, M * INTER * 4));
-    CK(cudaMalloc(&yu, M * INTER * 4));
-    CK(cudaMalloc(&yd, M * H * 4));
-    CK(cudaMalloc(&xn, M * H * 2));
-    CK(cudaMalloc(&ab, M * H * 2));
-    CK(cudaMalloc(&sb, M * INTER * 2));
-    CK(cudaMemcpy(r0, x0, M * H * 4, cudaMemcpyDeviceToDevice));
-    for (int l = 0; l < ref_layers; ++l) {
-      const LayerWeights& lw = logical[l];
-      ref_rms<<<M, 256>>>(r0, xn);
-      ref_gemm<<<(QKV + 127) / 128, 128>>>(lw.qkv, xn, yq, QKV, H);
-      ref_q_to_bf16<<<(M * H + 255) / 256, 256>>>(yq, ab);
-      ref_gemm<<<(H + 127) / 128, 128>>>(lw.o, ab, yo, H, H);
-      ref_add<<<(M * H + 255) / 256, 256>>>(r0, yo, r1);
-      ref_rms<<<M, 256>>>(r1, xn);
-      ref_gemm<<<(INTER + 127) / 128, 128>>>(lw.gate, xn, yg, INTER, H);
-      ref_gemm<<<(INTER + 127) / 128, 128>>>(lw.up, xn, yu, INTER, H);
-      ref_swiglu<<<(M * INTER + 255) / 256, 256>>>(yg, yu, sb);
-      ref_gemm<<<(H + 127) / 128, 128>>>(lw.down, sb, yd, H, INTER);
-      ref_add<<<(M * H + 255) / 256, 256>>>(r1, yd, r0);
-    }
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemcpy(want.data(), r0, M * H * 4, cudaMemcpyDeviceToHost));
+    reference_chain(logical.data(), ref_layers, x0, want.data());
     double num = 0, den = 0, dx = 0, num_fast = 0;
     std::vector<float> x0h(M * H);
     CK(cudaMemcpy(x0h.data(), x0, M * H * 4, cudaMemcpyDeviceToHost));
