@@ -44,6 +44,31 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
+// The producer side of a ring of shared-memory slots: wait until the slot is free, record the unit's header for
+// the consumers, then bulk-copy the slot (or, with no source, complete it empty: an end marker or a unit without data).
+struct RingProducer {
+  unsigned char* ring;
+  int* hdr;
+  uint64_t* full;
+  uint64_t* empty;
+  int stages, slot_bytes;
+  int stage = 0;
+  uint32_t parity = 1;  // a fresh barrier counts its (virtual) previous phase as complete
+  __device__ void push(int header, const unsigned char* src) {
+    mbar_wait(&empty[stage], parity);
+    hdr[stage] = header;
+    if (src) {
+      mbar_expect_tx(&full[stage], slot_bytes);
+      bulk_load(ring + static_cast<size_t>(stage) * slot_bytes, src, slot_bytes, &full[stage]);
+    } else {
+      mbar_arrive(&full[stage]);
+    }
+    if (++stage == stages) {
+      stage = 0;
+      parity ^= 1;
+    }
+  }
+};
 __device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
   unsigned int v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -77,6 +102,22 @@ __host__ __device__ __forceinline__ size_t packed_x_index(int t, int k) {
 // element e (0..7) of `lane`'s A fragment of a 16 x 16 tile is A[row][col] (m16n8k16 order)
 __host__ __device__ __forceinline__ int a_frag_row(int lane, int e) { return lane / 4 + 8 * ((e / 2) % 2); }
 __host__ __device__ __forceinline__ int a_frag_col(int lane, int e) { return (lane % 4) * 2 + e % 2 + 8 * (e / 4); }
+
+// ---- the GPU: its name, SM count (one persistent CTA each) and the SM clock for spin lengths ----
+struct Gpu {
+  cudaDeviceProp prop;
+  int ctas;
+  double cycles_per_us;
+};
+inline Gpu gpu_info() {
+  Gpu g{};
+  CK(cudaGetDeviceProperties(&g.prop, 0));
+  g.ctas = g.prop.multiProcessorCount;
+  int clock_khz = 0;
+  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+  g.cycles_per_us = clock_khz / 1000.0;
+  return g;
+}
 
 // ---- deterministic fills ----
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed, float scale) {

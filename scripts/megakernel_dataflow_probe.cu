@@ -80,22 +80,8 @@ __global__ void __launch_bounds__(THREADS, 1) dataflow_pass(const DStep* __restr
 
   if (warp == WARPS) {  // producer
     if (lane == 0) {
-      int stage = 0;
-      uint32_t parity = 1;
-      auto push = [&](int header, const unsigned char* src) {
-        mbar_wait(&empty[stage], parity);
-        hdr[stage] = header;
-        if (src) {
-          mbar_expect_tx(&full[stage], SLOT_BYTES);
-          bulk_load(ring + stage * SLOT_BYTES, src, SLOT_BYTES, &full[stage]);
-        } else {
-          mbar_arrive(&full[stage]);
-        }
-        if (++stage == STAGES) {
-          stage = 0;
-          parity ^= 1;
-        }
-      };
+      RingProducer rp{ring, hdr, full, empty, STAGES, SLOT_BYTES};
+      auto push = [&](int header, const unsigned char* src) { rp.push(header, src); };
       for (int st = 0; st < n_steps; ++st) {
         const DStep& step = steps[st];
         const int units = step.rows * step.chunks;
@@ -290,12 +276,10 @@ __global__ void prepare_input(const float* x, __nv_bfloat16* packed, float* ss) 
 int main(int argc, char** argv) {
   const int layers = argc > 1 ? std::atoi(argv[1]) : 36;
   const int ref_layers = 2;
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int ctas = prop.multiProcessorCount;
-  int clock_khz = 0;
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
-  const double cycles_per_us = clock_khz / 1000.0;
+  const Gpu gpu = gpu_info();
+  const cudaDeviceProp& prop = gpu.prop;
+  const int ctas = gpu.ctas;
+  const double cycles_per_us = gpu.cycles_per_us;
   std::printf("%s, %d SMs; %d verify layers (M=8), units of 16 rows x 1024 K, dependencies per K chunk\n", prop.name,
               ctas, layers);
 

@@ -101,28 +101,14 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   if (warp == CONSUMER_WARPS) {  // producer: take units while the ring has room, never wait on data
     if (lane == 0) {
-      int stage = 0;
-      uint32_t parity = 1;  // a fresh barrier counts its (virtual) previous phase as complete
-      auto push = [&](int header, const unsigned char* src) {
-        mbar_wait(&empty[stage], parity);
-        hdr[stage] = header;
-        if (src) {
-          mbar_expect_tx(&full[stage], SLOT_BYTES);
-          bulk_load(ring + stage * SLOT_BYTES, src, SLOT_BYTES, &full[stage]);
-        } else {
-          mbar_arrive(&full[stage]);
-        }
-        if (++stage == STAGES) {
-          stage = 0;
-          parity ^= 1;
-        }
-      };
+      RingProducer rp{ring, hdr, full, empty, STAGES, SLOT_BYTES};
+      auto push = [&](int header, const unsigned char* src) { rp.push(header, src); };
       for (int st = 0; st < n_steps; ++st) {
         const Step& step = steps[st];
         for (;;) {
           if (flags & CLAIM_WHOLE) {  // wait until the unit's 8 slots are free before taking it
-            int sg = stage;
-            uint32_t pg = parity;
+            int sg = rp.stage;
+            uint32_t pg = rp.parity;
             for (int j = 0; j < SLOTS_PER_UNIT; ++j) {
               mbar_wait(&empty[sg], pg);
               if (++sg == STAGES) {
@@ -320,12 +306,10 @@ __global__ void pack_units(const __nv_bfloat16* w, const __nv_bfloat16* w2, int 
 int main(int argc, char** argv) {
   const int layers = argc > 1 ? std::atoi(argv[1]) : 36;
   const int ref_layers = 2;
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int ctas = prop.multiProcessorCount;
-  int clock_khz = 0;
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
-  const double cycles_per_us = clock_khz / 1000.0;
+  const Gpu gpu = gpu_info();
+  const cudaDeviceProp& prop = gpu.prop;
+  const int ctas = gpu.ctas;
+  const double cycles_per_us = gpu.cycles_per_us;
   std::printf("%s, %d SMs, clock attribute %.0f MHz; %d verify layers (M=8): q|k|v, o, gate|up+SwiGLU, down\n",
               prop.name, ctas, cycles_per_us, layers);
 

@@ -18,25 +18,12 @@
 //
 // Printed per configuration: us per layer, weight TB/s, and the max relative error of layer 0 against a
 // naive fp32 reference (compute variant only).
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);      \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
+#include "megakernel_common.cuh"
 
 constexpr int K = 4096;
 constexpr int M = 8;
@@ -62,32 +49,6 @@ struct Phase {
 __device__ unsigned int g_arrived;
 __device__ long long g_clock[2];  // CTA 0's SM cycles and global-timer ns over the whole kernel
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_u32(dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-}
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory"); }
 
 // SLICE bf16 values (16-byte vectors) -> fp32: a bf16 is the top half of the float with the same bits
@@ -239,17 +200,6 @@ __global__ void __launch_bounds__(THREADS, 1) stream_pass(const Phase* __restric
   }
 }
 
-__global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = __float2bfloat16(scale * (static_cast<float>(h & 0xffffu) / 32768.f - 1.f));
-  }
-}
-
 __global__ void reference(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y, int n) {
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= n) return;
@@ -293,12 +243,10 @@ float run(const std::vector<Phase>& host_phases, Phase* dev_phases, int ctas, in
 
 int main(int argc, char** argv) {
   const int layers = argc > 1 ? std::atoi(argv[1]) : 36;
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int ctas = prop.multiProcessorCount;
-  int clock_khz = 0;
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
-  const double cycles_per_us = clock_khz / 1000.0;
+  const Gpu gpu = gpu_info();
+  const cudaDeviceProp& prop = gpu.prop;
+  const int ctas = gpu.ctas;
+  const double cycles_per_us = gpu.cycles_per_us;
   std::printf("%s, %d SMs, clock attribute %.0f MHz, %d layers x 4 GEMMs (M=8, K=4096)\n", prop.name, ctas,
               cycles_per_us, layers);
 
