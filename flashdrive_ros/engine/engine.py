@@ -89,6 +89,8 @@ class StepResult:
     decode_forwards: int = 0        # target forwards of the decode stage. Greedy: one per generated id after
                                     # the first, plus one for the closing ids. Speculative: verify_passes, plus
                                     # one closing forward unless the last block ended on a drafted <|cot_end|>
+    prefill_tokens: int = 1         # reasoning ids the prefill emitted: 1, or 1 + the accepted ids of the
+                                    # temporal draft block (the previous window's reasoning) it verified
 
 
 class StageTimer:
@@ -235,7 +237,8 @@ class DriveEngine:
                  stream_min_gap_us: int = 50_000, stream_max_gap_us: int = 150_000,
                  stream_stride_us: int = 100_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
-                 drafter=None, weights_description: str = "", cuda_graphs: bool | None = None):
+                 drafter=None, weights_description: str = "", cuda_graphs: bool | None = None,
+                 temporal_draft: bool = True):
         if speculative and drafter is None:
             raise ValueError("speculative=True needs a drafter (speculative.Drafter); from_pretrained finds or builds one")
         if num_samples < 1:
@@ -285,6 +288,12 @@ class DriveEngine:
         # The drafter is conditioned on captured target hidden states of the last prompt positions.
         self._capture_layers = tuple(self.drafter.cfg.target_layers) if self.speculative else ()
         self._context: torch.Tensor | None = None
+        # Temporal draft (greedy speculative streaming windows): the previous window's reasoning rides
+        # along in the streaming prefill as a draft block (speculative.temporal_draft).
+        self.temporal_draft = bool(temporal_draft)
+        self._previous_reasoning: list[int] | None = None
+        self._first_block: tuple[torch.Tensor, torch.Tensor] | None = None  # (draft ids, their context states)
+        self._prefill_tokens = 1
         self._hist_kwargs = history_kwargs(self.cfg.hist_tokenizer)
         self.action_space = UnicycleActionSpace(self.cfg.action_space)
         if self.action_space.n_waypoints != N_WAYPOINTS:
@@ -362,6 +371,8 @@ class DriveEngine:
         """Forget the stream: the next step runs a full prefill of all 16 frames."""
         self.layout: StreamingLayout | None = None
         self._last_t0: int | None = None
+        self._previous_reasoning = None
+        self._first_block = None
         if self.cache is not None:
             self.cache.clear()
 
@@ -424,11 +435,13 @@ class DriveEngine:
             with timer.stage("prefill"):  # cache maintenance for the next window's prefill
                 self.shift()
             self._last_t0 = t0_us
+            self._previous_reasoning = list(tokens)  # the next window's temporal draft
         timings = timer.finish()
         reasoning = extract_reasoning(tokens, self.tokenizer, self.ids)
         return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
                           timings_ms=timings, full_prefill=not new_frames, verify_passes=passes,
-                          tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens, decode_forwards=forwards)
+                          tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens, decode_forwards=forwards,
+                          prefill_tokens=self._prefill_tokens)
 
     # ------------------------------------------------------------------ public building blocks
     @torch.no_grad()
@@ -438,7 +451,8 @@ class DriveEngine:
 
         Returns (logits of the last prompt token [1, V] float32, PromptLayout, k): k = new frames per
         view of a streaming window (1..3, truthy), 0 for a full prefill. Decode then starts at slot
-        `layout.length`. A k-stride window shifts by k - 1 itself before its prefill; the per-window
+        `layout.length`. With a temporal draft block (greedy speculative streaming windows) the logits
+        are [1 + D, V]: the last prompt row, then each of the D draft rows at slots [length, length + D). A k-stride window shifts by k - 1 itself before its prefill; the per-window
         shift by one is the caller's: call `shift()` after the window is done.
         """
         timer = timer or StageTimer(self.device)
@@ -489,18 +503,25 @@ class DriveEngine:
         number the model generated, verify passes, n_ctx for the expert, tokens per verify pass,
         target forwards in all).
         """
+        self._prefill_tokens = 1
         if not self.speculative:
             # One target pass per emitted token (the prefill gives the first): tau = 1 by definition.
             tokens, n_generated, forwards, n_ctx = self._decode(logits, start, gen)
             return tokens, n_generated, n_generated, n_ctx, 1.0, forwards
         from .speculative import speculative_decode
 
+        first_block, self._first_block = self._first_block, None
+        if first_block is not None and logits.shape[0] != first_block[0].numel() + 1:
+            raise RuntimeError("decode: the prefill's logits do not match its temporal draft block")
         if self._fast is not None and self.temperature == 0.0 and self._fast.speculative_graphs:
             # greedy: draft / verify / tail graphs, loop state on the device, one host read per pass
-            res = self._fast.speculative_decode(logits, self._context, start, self.max_new_tokens)
+            res = self._fast.speculative_decode(logits, self._context, start, self.max_new_tokens,
+                                                first_block=first_block)
         else:  # sampling (rejection sampling on a CPU generator) stays the eager loop
             res = speculative_decode(self.model, self.drafter, self.cache, logits, self._context, start,
-                                     self.ids, self.max_new_tokens, self.temperature, self.top_p, generator=gen)
+                                     self.ids, self.max_new_tokens, self.temperature, self.top_p, generator=gen,
+                                     first_block=first_block)
+        self._prefill_tokens = res.prefill_tokens
         return res.tokens, res.num_generated, res.verify_passes, res.n_ctx, res.tau, res.forward_passes
 
     def shift(self, k: int = 1) -> None:
@@ -554,17 +575,50 @@ class DriveEngine:
             self.shift(k - 1)
         q_slots = self._query_slots[k]
         q_ids = ids[q_slots]
+        draft = self._temporal_block()
+        self._first_block = None
         if self._fast is not None:  # returns the logits
-            logits, ctx = self._fast.streaming_prefill(q_ids, feats, self.layout, q_slots, self._ctx_len(), k)
+            logits, ctx = self._fast.streaming_prefill(q_ids, feats, self.layout, q_slots, self._ctx_len(), k,
+                                                       draft=draft)
+            if draft is not None:  # the draft rows' states are the first block's, not the prompt context
+                self._first_block = (draft, ctx[:, -draft.numel():].clone())
+                ctx = ctx[:, :-draft.numel()]
             self._keep_fast_context(ctx)
             return logits
+        length = self.layout.prefill_len
+        mask, n_keys = self._stream_mask[k], length
+        if draft is not None:  # draft rows at [length, length + D): each sees the prompt and the drafts before it
+            d = draft.numel()
+            draft_slots = length + torch.arange(d, device=self.device)
+            n_keys = length + d
+            prompt_rows = torch.nn.functional.pad(mask, (0, d), value=torch.finfo(self.dtype).min)
+            mask = torch.cat([prompt_rows, causal_mask(draft_slots, n_keys, self.dtype)], dim=2)
+            q_slots, q_ids = torch.cat([q_slots, draft_slots]), torch.cat([q_ids, draft])
         visual = q_ids == self.ids.image_pad
         embeds = self._embed_with_images(q_ids, visual, feats)
         hidden, captured = self.model.language_model(
-            embeds, self.cache, q_slots, self._stream_mask[k], self.layout.prefill_len,
+            embeds, self.cache, q_slots, mask, n_keys,
             visual_pos_mask=visual, deepstack=feats.deepstack, capture_layers=self._capture_layers)
-        self._keep_context(captured)
-        return hidden[:, -1]
+        if draft is None:
+            self._keep_context(captured)
+            return hidden[:, -1]
+        from .speculative import context_features
+
+        d = draft.numel()
+        states = context_features(captured, self._capture_layers)
+        self._context = states[:, :-d][:, -self.drafter.cfg.context_len:]
+        self._first_block = (draft, states[:, -d:])
+        return hidden[0, -(d + 1):]
+
+    def _temporal_block(self) -> torch.Tensor | None:
+        """Draft ids [D] on the device for this streaming window's prefill, or None (see __init__)."""
+        if not (self.temporal_draft and self.speculative and self.temperature == 0.0):
+            return None
+        from .speculative import temporal_draft
+
+        draft = temporal_draft(self._previous_reasoning, self.drafter.cfg.block_size, self.ids.cot_end,
+                               self.ids.traj_future_start)
+        return None if draft is None else draft.to(self.device)
 
     def _keep_context(self, captured: dict) -> None:
         """Drafter context: captured target states of the last prompt positions (the tail's end)."""

@@ -127,11 +127,15 @@ class GraphedStages:
         return {"emb": feats.embeds, **{f"d{i}": d for i, d in enumerate(feats.deepstack)}}
 
     def _lm_stage(self, name: str, ids: torch.Tensor, feats: ImageFeatures, slots: torch.Tensor,
-                  limit: torch.Tensor, n: int, ctx_len: int) -> G.StageGraph:
-        """A prefill graph: fn(ids, emb, d0..) -> (logits of the last row [1, V] float32, drafter context?).
-        Row q sees keys < limit[q] (graphs.lm_forward's key_limit)."""
+                  limit: torch.Tensor, n: int, ctx_len: int, n_draft: int = 0) -> G.StageGraph:
+        """A prefill graph: fn(ids, emb, d0, ..) -> (logits of the last row [1, V] float32, drafter context?).
+        Row q sees keys < limit[q] (graphs.lm_forward's key_limit). With n_draft > 0 the last n_draft ids
+        are a draft block behind the prompt (text rows whatever their ids): the logits are those of the
+        last 1 + n_draft rows and the context holds ctx_len prompt rows + the n_draft draft rows."""
         engine, lm, cache = self.engine, self._lm, self.engine.cache
         visual = ids == engine.ids.image_pad
+        if n_draft:
+            visual[-n_draft:] = False
         vis_idx = visual.nonzero().flatten()
         if vis_idx.numel() != feats.embeds.shape[0]:
             raise RuntimeError(f"prompt has {vis_idx.numel()} image tokens but the encoder produced "
@@ -151,10 +155,10 @@ class GraphedStages:
             ds = [deep[f"d{i}"] for i in range(n_deep)]
             h, cap = G.lm_forward(lm, x, cache, slots, mask, n, vis_idx, ds or None, capture_layers=layers,
                                   mask_folded=True, key_limit=None if mask is not None else limit)
-            logits = model.logits(h[:, -1])
+            logits = model.logits(h[0, -1 - n_draft:])
             if not layers:
                 return (logits,)
-            return logits, torch.cat([cap[i] for i in layers], dim=-1)[:, -ctx_len:]
+            return logits, torch.cat([cap[i] for i in layers], dim=-1)[:, -ctx_len - n_draft:]
 
         return G.StageGraph(fn, {"ids": ids, **self._feat_inputs(feats)}, name=name)
 
@@ -177,19 +181,25 @@ class GraphedStages:
         return self._run_prefill(self._get(key, build), ids, feats)
 
     def streaming_prefill(self, q_ids: torch.Tensor, feats: ImageFeatures, layout, q_slots: torch.Tensor,
-                          ctx_len: int = 0, k: int = 1):
+                          ctx_len: int = 0, k: int = 1, draft: torch.Tensor | None = None):
         """Newest k frames per view + tail at the frozen query slots `layout.streaming_query_slots(k)`
-        under the streaming mask (see StreamingLayout). One graph per k (its slots, mask and shapes)."""
+        under the streaming mask (see StreamingLayout). One graph per k (its slots, mask and shapes).
+        draft [D] (temporal draft block): appended at slots [prefill_len, prefill_len + D), causal; the
+        outputs then cover the last prompt row + the D draft rows (see _lm_stage)."""
         length = layout.prefill_len
-        key = ("stream_prefill", length, k, q_ids.shape[0], tuple(feats.embeds.shape), len(feats.deepstack))
+        n_draft = 0 if draft is None else draft.numel()
+        key = ("stream_prefill", length, k, q_ids.shape[0], n_draft, tuple(feats.embeds.shape), len(feats.deepstack))
+        ids = q_ids if draft is None else torch.cat([q_ids, draft.to(q_ids.device)])
 
         def build():
-            n = self._n_pref(length)
-            # row at slot s sees keys <= s and < prefill_len (layout.streaming_mask)
-            limit = (q_slots + 1).clamp(max=length)
-            return self._lm_stage("stream_prefill", q_ids, feats, q_slots, limit, n, ctx_len)
+            n = self._n_pref(length + n_draft)
+            # row at slot s sees keys <= s and < prefill_len (layout.streaming_mask); draft rows keys <= s
+            draft_slots = length + torch.arange(n_draft, device=q_slots.device)
+            slots = torch.cat([q_slots, draft_slots])
+            limit = torch.cat([(q_slots + 1).clamp(max=length), draft_slots + 1])
+            return self._lm_stage("stream_prefill", ids, feats, slots, limit, n, ctx_len, n_draft)
 
-        return self._run_prefill(self._get(key, build), q_ids, feats)
+        return self._run_prefill(self._get(key, build), ids, feats)
 
     def shift(self, src: torch.Tensor, dst: torch.Tensor, waves: tuple[int, ...] | None = None) -> None:
         """cache.shift(src, dst) as a graph (built on the identity dst -> dst: its warm-up changes nothing;
@@ -396,11 +406,12 @@ class GraphedStages:
                 self._get(("tail",) + st.key, build_tail))
 
     def speculative_decode(self, first_logits: torch.Tensor, context: torch.Tensor, start: int,
-                           max_new_tokens: int):
+                           max_new_tokens: int, first_block: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Greedy draft + verify from slot `start` on graphs -> speculative.SpeculativeResult, the same
         tokens, verify passes and accept lengths as `speculative.speculative_decode` at temperature 0
-        (forward_passes counts the closing tokens as the one tail forward they are here)."""
-        from .speculative import SpeculativeResult
+        (forward_passes counts the closing tokens as the one tail forward they are here).
+        first_block: (draft [D], states [1, D, n*H]) that the prefill verified (first_logits [1 + D, V])."""
+        from .speculative import SpeculativeResult, first_block_outcome
 
         engine, cache = self.engine, self.engine.cache
         cfg = engine.drafter.cfg
@@ -414,23 +425,46 @@ class GraphedStages:
             raise ValueError(f"cache max_len {cache.max_len} < start {start} + max_new_tokens {max_new_tokens} "
                              f"+ block {block}")
         st = self._spec_state(max_new_tokens)
-        draft_g, verify_g, tail_g = self._spec_graphs(st, start)
-        # initial state (device ops, no sync): the prefill's greedy token is the first anchor
-        tok0 = G.greedy_token(first_logits, self._banned()).reshape(1)
-        st.anchor.copy_(tok0)
+        # graphs built now warm up past the prefill's draft rows (their accepted K/V must survive)
+        draft_g, verify_g, tail_g = self._spec_graphs(st, start + (0 if first_block is None else first_block[0].numel()))
         st.tokens.zero_()
-        st.tokens[:1] = tok0
         st.acc.zero_()
-        st.ctx.copy_(context[:, -cfg.context_len:])
-        st.cur.fill_(start)
-        st.n_gen.fill_(1)
-        st.pending.fill_(1)
-        st.closed.zero_()
         st.passes.zero_()
-        if max_new_tokens <= 1:
-            st.done.fill_(True)
-        else:
-            st.done.copy_(tok0 == cot_end)
+        if first_block is None:
+            # initial state (device ops, no sync): the prefill's greedy token is the first anchor
+            tok0 = G.greedy_token(first_logits, self._banned()).reshape(1)
+            st.anchor.copy_(tok0)
+            st.tokens[:1] = tok0
+            st.ctx.copy_(context[:, -cfg.context_len:])
+            st.cur.fill_(start)
+            st.n_gen.fill_(1)
+            st.pending.fill_(1)
+            st.closed.zero_()
+            if max_new_tokens <= 1:
+                st.done.fill_(True)
+            else:
+                st.done.copy_(tok0 == cot_end)
+        else:  # the prefill verified a draft block: its outcome is the loop's state (device ops, no sync)
+            draft0, states0 = first_block
+            d0 = draft0.numel()
+            if first_logits.shape[0] != d0 + 1 or start + d0 > cache.max_len:
+                raise ValueError(f"first block of {d0} drafts: {first_logits.shape[0]} logits rows, start {start}")
+            target = G.greedy_token(first_logits, self._banned()).reshape(-1)  # [D + 1]
+            out = first_block_outcome(draft0, target, max_new_tokens, cot_end, engine.ids.traj_future_start)
+            ar = torch.arange(d0 + 1, device=target.device)
+            st.tokens[:d0 + 1] = torch.where(ar < out["emitted"], target, 0)
+            st.anchor.copy_(out["last"])
+            both = torch.cat([context[0, -cfg.context_len:], states0[0].to(context.dtype)])
+            st.ctx.copy_(both.index_select(0, out["kept"] + torch.arange(cfg.context_len, device=both.device))[None])
+            rejected = (ar[:d0] >= out["kept"])[:, None]
+            slots = start + ar[:d0]
+            for t in (cache.k, cache.v, cache.k_rot):  # rejected draft slots zeroed, as cache.clear
+                t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected, 0)
+            st.cur.copy_(start + out["kept"])
+            st.n_gen.copy_(out["emitted"])
+            st.pending.copy_(out["pending"])
+            st.closed.copy_(out["closed"].long())
+            st.done.copy_(out["stop"])
         for _ in range(max_new_tokens + 1):  # each live pass emits >= 1 token: done within max_new - 1
             draft_g()
             verify_g()
@@ -441,6 +475,7 @@ class GraphedStages:
         else:
             raise RuntimeError("speculative loop did not finish within max_new_tokens passes")
         n_gen, cur, pending, passes, closed = summary[1:6]
+        prefill_tokens = n_gen - sum(summary[6:6 + passes])
         accept_lengths = summary[6:6 + passes]
         generated = summary[6 + st.acc.numel():][:n_gen]
         n_tail = 0
@@ -451,7 +486,8 @@ class GraphedStages:
             generated.append(cot_end)
             n_tail += 1
         return SpeculativeResult(tokens=generated, num_generated=n_gen, forward_passes=passes + (not closed),
-                                 verify_passes=passes, n_ctx=cur + n_tail, accept_lengths=accept_lengths)
+                                 verify_passes=passes, n_ctx=cur + n_tail, accept_lengths=accept_lengths,
+                                 prefill_tokens=prefill_tokens)
 
 
 @dataclass

@@ -585,6 +585,41 @@ def closed_in_block(block_ids: torch.Tensor, a: torch.Tensor, emitted: torch.Ten
     return stop & (last == cot_end) & (emitted <= a) & (kept < block_ids.shape[0]) & (nxt == traj_future_start)
 
 
+# ---------------------------------------------------------------------------------- temporal draft
+def temporal_draft(previous: list[int] | None, size: int, cot_end: int, traj_future_start: int) -> torch.Tensor | None:
+    """The first `size` ids of the previous window's reasoning as a draft block ([size] long, CPU), or None.
+
+    Consecutive windows are 0.1 s apart, so the reasoning usually repeats; the streaming prefill appends
+    these ids after the prompt and verifies them in the same forward (`first_block` of speculative_decode):
+    a lossless guess that costs a few prompt rows and saves whole verify passes when it holds. A shorter
+    reasoning is padded with <|traj_future_start|>, which also follows its <|cot_end|> (`place_closing`).
+    """
+    if not previous:
+        return None
+    ids = list(previous[:size]) + [traj_future_start] * max(0, size - len(previous))
+    return place_closing(torch.tensor(ids, dtype=torch.long), cot_end, traj_future_start)
+
+
+def first_block_outcome(draft: torch.Tensor, target: torch.Tensor, max_new_tokens: int, cot_end: int,
+                        traj_future_start: int) -> dict[str, torch.Tensor]:
+    """Greedy verification of the prefill's draft block (tensor ops; graph-capturable).
+
+    draft [D]: ids at slots [start, start + D) behind the prompt; target [D + 1]: the target's greedy id
+    after the last prompt row and after each draft row. Same rules as a verify pass whose anchor is the
+    last prompt token (already in the cache): emits target[:emitted]; `kept` draft rows stay in the cache
+    (accepted drafts, plus a forced <|traj_future_start|> when the block closed the reasoning).
+    Returns [1]-tensors a, emitted, stop, kept, closed, pending (1: the last emitted id is the bonus).
+    """
+    zero = torch.zeros(1, dtype=torch.long, device=target.device)
+    a, emitted, stop = greedy_accept(draft, target, zero, cot_end, max_new_tokens)
+    last = target.gather(0, emitted - 1)
+    block_ids = torch.cat([target[:1], draft])  # row 0 stands for the prompt's last row
+    closed = closed_in_block(block_ids, a, emitted, stop, last, cot_end, traj_future_start)
+    kept = torch.minimum(a, emitted) + closed.long()
+    return {"a": a, "emitted": emitted, "stop": stop, "kept": kept, "closed": closed,
+            "pending": (emitted == a + 1).long(), "last": last}
+
+
 # ---------------------------------------------------------------------------------- decode loop
 @dataclass
 class SpeculativeResult:
@@ -595,6 +630,7 @@ class SpeculativeResult:
     verify_passes: int                # q = 8 verification forwards
     n_ctx: int                        # slots [0, n_ctx) hold the context up to and incl. <|traj_future_start|>
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verify pass (incl. bonus)
+    prefill_tokens: int = 1           # ids the prefill's rows emitted: 1, or 1 + accepted temporal drafts
 
     @property
     def tau(self) -> float:
@@ -605,13 +641,17 @@ class SpeculativeResult:
 @torch.no_grad()
 def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tensor, context: torch.Tensor,
                        start: int, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> SpeculativeResult:
+                       generator: torch.Generator | None = None,
+                       first_block: tuple[torch.Tensor, torch.Tensor] | None = None) -> SpeculativeResult:
     """Reasoning decode from cache slot `start` with draft + verify (batch 1).
 
     first_logits [1, V]: the prefill's last-position logits. context [1, >= C, n*H]: concatenated
     captured target hidden states (drafter.cfg.target_layers) of the positions before `start`; the last
     C are used. `ids`: TokenIds (cot_end, traj_future_start, traj_start, traj_vocab_size).
     The cache needs max_len >= start + max_new_tokens + block_size. Sampling uses `generator` (CPU).
+    first_block (greedy only): (draft [D], feats [1, D, n*H]) of a draft block the prefill already ran
+    at slots [start, start + D) (`temporal_draft`); first_logits is then [D + 1, V]: the last prompt
+    row and each draft row. It is verified like a block whose anchor is the last prompt token.
     """
     cfg = drafter.cfg
     block, n_draft = cfg.block_size, cfg.block_size - 1
@@ -646,12 +686,33 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
         return model.logits(hidden[0]), context_features(cap, cfg.target_layers)
 
     ctx = context[:, -cfg.context_len:].to(dtype)
-    generated = [choose(first_logits)]
-    cur = start                      # slot of the anchor = generated[-1], not yet in the cache
     passes, accept_lengths = 0, []
-    bonus_pending = True             # generated[-1] still has to be fed
-    closed = False                   # the last block holds <|cot_end|><|traj_future_start|>
-    done = generated[-1] == cot_end or len(generated) >= max_new_tokens
+    if first_block is None:
+        generated = [choose(first_logits)]
+        cur = start                  # slot of the anchor = generated[-1], not yet in the cache
+        bonus_pending = True         # generated[-1] still has to be fed
+        closed = False               # the last block holds <|cot_end|><|traj_future_start|>
+        done = generated[-1] == cot_end or len(generated) >= max_new_tokens
+    else:
+        if sampling:
+            raise ValueError("first_block (temporal draft) is verified greedily; sampling has no first block")
+        draft0, feats0 = first_block
+        d0 = draft0.numel()
+        if first_logits.shape[0] != d0 + 1:
+            raise ValueError(f"first_block of {d0} drafts needs {d0 + 1} logits rows, got {first_logits.shape[0]}")
+        if start + d0 > max_len:
+            raise ValueError(f"first block [{start}, {start + d0}) runs past the cache ({max_len} slots)")
+        target = choose_next_token(first_logits, traj_start, traj_size)
+        out = {k: int(v) for k, v in first_block_outcome(draft0.to(target.device), target, max_new_tokens,
+                                                         cot_end, tfs).items()}
+        generated = target[:out["emitted"]].tolist()
+        kept = out["kept"]
+        if kept < d0:
+            cache.clear(start + torch.arange(kept, d0, device=device))
+        ctx = torch.cat([ctx, feats0[:, :kept].to(dtype)], dim=1)[:, -cfg.context_len:]
+        cur = start + kept
+        bonus_pending, closed, done = bool(out["pending"]), bool(out["closed"]), bool(out["stop"])
+    prefill_tokens = len(generated)
     while not done:
         anchor = torch.tensor([generated[-1]], device=device)
         d_logits = drafter.draft_logits(model, anchor, ctx)[0]                      # [7, K]
@@ -709,4 +770,5 @@ def speculative_decode(model, drafter: Drafter, cache, first_logits: torch.Tenso
         forward(torch.tensor(tail, device=device), cur)
         cur += len(tail)
     return SpeculativeResult(tokens=generated, num_generated=num_generated, forward_passes=passes + bool(tail),
-                             verify_passes=passes, n_ctx=cur, accept_lengths=accept_lengths)
+                             verify_passes=passes, n_ctx=cur, accept_lengths=accept_lengths,
+                             prefill_tokens=prefill_tokens)

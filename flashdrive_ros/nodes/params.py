@@ -61,6 +61,9 @@ PARAMETERS: tuple = (
     ("dtype", "float32", "'float32', 'bfloat16' or 'float16'."),
     ("streaming", True, "Streaming prefill (reuse the KV cache of previous windows)."),
     ("speculative", False, "Speculative reasoning decoding (DFlash drafter)."),
+    ("temporal_draft", True,
+     "With speculative greedy decoding: verify the previous window's reasoning as a draft block inside the "
+     "streaming prefill (lossless; saves verify passes when the reasoning repeats)."),
     ("flow_schedule", "uniform", "Flow-matching step schedule: 'uniform' (10 steps) or 'adaptive'."),
     ("cuda_graphs", False, "Capture CUDA graphs for the fixed-shape stages (CUDA devices only)."),
     ("num_samples", 1, "Trajectory samples K per window (samples[0] is the one to execute)."),
@@ -104,6 +107,7 @@ class DriveParams:
     dtype: str
     streaming: bool
     speculative: bool
+    temporal_draft: bool
     flow_schedule: str
     cuda_graphs: bool
     num_samples: int
@@ -160,6 +164,8 @@ class DriveParams:
                   temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.cuda_graphs:  # only passed when asked for: older engines do not take the argument
             kw["cuda_graphs"] = True
+        if not self.temporal_draft:  # likewise: only a change from the engine's default is passed
+            kw["temporal_draft"] = False
         return kw
 
 
