@@ -55,10 +55,12 @@ def test_speculative_greedy_reasoning_identical_to_autoregressive(clip, referenc
         assert a.reasoning == b.reasoning
         assert a.num_tokens == b.num_tokens
         assert a.full_prefill == b.full_prefill
-        assert a.verify_passes >= 1 or a.num_tokens == 1
+        # no verify pass only when the prefill emitted the whole reasoning (its first id, or the
+        # previous window's reasoning accepted as a temporal draft block)
+        assert a.verify_passes >= 1 or a.num_tokens == a.prefill_tokens
         # the expert sees the same context (up to 8-row vs 1-row float rounding) -> same trajectory
         np.testing.assert_allclose(a.xyz, b.xyz, atol=1e-3)
-        assert a.tokens_per_pass >= 1.0
+        assert a.tokens_per_pass >= 1.0 or a.verify_passes == 0
 
 
 def test_speculative_stats_and_drafter_path(clip, reference, tmp_path):

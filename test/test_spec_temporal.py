@@ -78,12 +78,12 @@ def run(clip, **kw):
 
 @pytest.fixture(scope="module")
 def without(clip):
-    return run(clip, temporal_draft=False)
+    return run(clip, temporal_draft=0)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphed"])
 def test_same_reasoning_and_trajectory_with_fewer_verify_passes(clip, without, graphs):
-    with_ = run(clip, temporal_draft=True, cuda_graphs=graphs)
+    with_ = run(clip, temporal_draft=24, cuda_graphs=graphs)
     for a, b in zip(with_, without):
         assert a.token_ids == b.token_ids
         assert a.reasoning == b.reasoning

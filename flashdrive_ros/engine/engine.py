@@ -238,7 +238,7 @@ class DriveEngine:
                  stream_stride_us: int = 100_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
                  drafter=None, weights_description: str = "", cuda_graphs: bool | None = None,
-                 temporal_draft: bool = True):
+                 temporal_draft: int = 24):
         if speculative and drafter is None:
             raise ValueError("speculative=True needs a drafter (speculative.Drafter); from_pretrained finds or builds one")
         if num_samples < 1:
@@ -288,9 +288,15 @@ class DriveEngine:
         # The drafter is conditioned on captured target hidden states of the last prompt positions.
         self._capture_layers = tuple(self.drafter.cfg.target_layers) if self.speculative else ()
         self._context: torch.Tensor | None = None
-        # Temporal draft (greedy speculative streaming windows): the previous window's reasoning rides
-        # along in the streaming prefill as a draft block (speculative.temporal_draft).
-        self.temporal_draft = bool(temporal_draft)
+        # Temporal draft (greedy speculative streaming windows): the first `temporal_draft` ids of the
+        # previous window's reasoning ride along in the streaming prefill as a draft block
+        # (speculative.temporal_draft); 0 = off. The prefill is compute bound, so a few rows are cheap.
+        if isinstance(temporal_draft, bool):
+            temporal_draft = 24 if temporal_draft else 0
+        if int(temporal_draft) < 0:
+            raise ValueError(f"temporal_draft must be >= 0 ids, got {temporal_draft}")
+        # more than max_new_tokens + 1 rows can never be emitted
+        self.temporal_draft = min(int(temporal_draft), self.max_new_tokens + 1)
         self._previous_reasoning: list[int] | None = None
         self._first_block: tuple[torch.Tensor, torch.Tensor] | None = None  # (draft ids, their context states)
         self._prefill_tokens = 1
@@ -616,7 +622,7 @@ class DriveEngine:
             return None
         from .speculative import temporal_draft
 
-        draft = temporal_draft(self._previous_reasoning, self.drafter.cfg.block_size, self.ids.cot_end,
+        draft = temporal_draft(self._previous_reasoning, self.temporal_draft, self.ids.cot_end,
                                self.ids.traj_future_start)
         return None if draft is None else draft.to(self.device)
 

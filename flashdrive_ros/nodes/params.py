@@ -61,9 +61,9 @@ PARAMETERS: tuple = (
     ("dtype", "float32", "'float32', 'bfloat16' or 'float16'."),
     ("streaming", True, "Streaming prefill (reuse the KV cache of previous windows)."),
     ("speculative", False, "Speculative reasoning decoding (DFlash drafter)."),
-    ("temporal_draft", True,
-     "With speculative greedy decoding: verify the previous window's reasoning as a draft block inside the "
-     "streaming prefill (lossless; saves verify passes when the reasoning repeats)."),
+    ("temporal_draft", 24,
+     "With speculative greedy decoding: verify this many ids of the previous window's reasoning as a draft "
+     "block inside the streaming prefill (lossless; saves verify passes when the reasoning repeats; 0 = off)."),
     ("flow_schedule", "uniform", "Flow-matching step schedule: 'uniform' (10 steps) or 'adaptive'."),
     ("cuda_graphs", False, "Capture CUDA graphs for the fixed-shape stages (CUDA devices only)."),
     ("num_samples", 1, "Trajectory samples K per window (samples[0] is the one to execute)."),
@@ -107,7 +107,7 @@ class DriveParams:
     dtype: str
     streaming: bool
     speculative: bool
-    temporal_draft: bool
+    temporal_draft: int
     flow_schedule: str
     cuda_graphs: bool
     num_samples: int
@@ -149,6 +149,7 @@ class DriveParams:
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
         need(self.flow_schedule in ("uniform", "adaptive"), "flow_schedule must be 'uniform' or 'adaptive'")
         need(self.num_samples >= 1 and self.max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1")
+        need(self.temporal_draft >= 0, "temporal_draft must be >= 0 (0 = off)")
         need(self.image_width >= 0 and self.image_height >= 0, "image_width/height must be >= 0")
         need(self.jpeg_decoder in ("pillow", "nvjpeg"), f"jpeg_decoder must be 'pillow' or 'nvjpeg', got "
                                                          f"{self.jpeg_decoder!r}")
@@ -164,8 +165,8 @@ class DriveParams:
                   temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.cuda_graphs:  # only passed when asked for: older engines do not take the argument
             kw["cuda_graphs"] = True
-        if not self.temporal_draft:  # likewise: only a change from the engine's default is passed
-            kw["temporal_draft"] = False
+        if self.temporal_draft != DEFAULTS["temporal_draft"]:  # likewise: only a change is passed
+            kw["temporal_draft"] = self.temporal_draft
         return kw
 
 
