@@ -58,7 +58,11 @@ def test_bench_cli_tiny_cpu_with_a_draft_vocabulary(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["workload"]["draft_vocab"] == 1000 and not res.get("errors")
-    assert [r["decode_passes"] for r in res["rows"]] == [4, 4]
+    # the substring also selects the temporal-draft rows: the prefill emits 1 / 9 / 23 ids (scripted), so
+    # ceil(22 / 5.6) = 4, ceil(14 / 5.6) = 3 and no verify passes decode the rest
+    assert [r["decode_passes"] for r in res["rows"]] == [4, 4, 4, 3, 0]
+    assert [r["name"].split("prefill emits ")[-1] for r in res["rows"][2:]] == ["1 (scripted)", "9 (scripted)",
+                                                                                "23 (scripted)"]
     assert "draft vocabulary of 1000 of the 5052 target ids" in (tmp_path / "bench.md").read_text()
     # the stand-in's greedy drafts over the vocabulary == the full head's argmax restricted to it
     pipe = OursPipeline(get_shape("tiny"), "cpu", torch.float32, draft_vocab=1000)

@@ -20,7 +20,8 @@ import torch
 
 from . import roofline
 from .ours import Mode, OursPipeline
-from .shapes import ACCEPT_LENGTHS, DRAFT_VOCAB, SHAPES, get_shape, make_workload
+from .shapes import (ACCEPT_LENGTHS, DRAFT_VOCAB, SHAPES, TEMPORAL_EMITS, TEMPORAL_TAU, get_shape,
+                     make_workload)
 from .stock import StockPipeline
 from .timing import Clock, summarize
 
@@ -32,6 +33,8 @@ def our_rows() -> list[tuple[str, Mode]]:
     rows += [(f"ours: spec τ={t:g} (scripted drafter)", Mode(tau=t)) for t in ACCEPT_LENGTHS]
     rows += [("ours: adaptive flow", Mode(flow="adaptive")), ("ours: graphs+fusion", Mode(graphs=True))]
     rows += [(f"ours: all (τ={t:g})", Mode(streaming=True, tau=t, flow="adaptive", graphs=True)) for t in ACCEPT_LENGTHS]
+    rows += [(f"ours: all (τ={TEMPORAL_TAU:g}) + temporal draft, prefill emits {a} (scripted)",
+              Mode(streaming=True, tau=TEMPORAL_TAU, flow="adaptive", graphs=True, temporal=a)) for a in TEMPORAL_EMITS]
     return rows
 
 

@@ -14,6 +14,10 @@ StreamingLayout, flow.FlowSchedule), on the synthetic window of bench/shapes.py:
               draft vocabulary of K target ids (`draft_vocab`; default shapes.default_draft_vocab: 32 768
               at the full shape, the whole vocabulary where that is smaller), the target lm_head rows
               gathered once (speculative.gather_head), so the draft GEMM reads K rows instead of V.
+  temporal    (graphed streaming rows) the engine's temporal draft: TEMPORAL_DRAFT ids of the previous
+              window's reasoning ride in the streaming prefill as causal draft rows, whose logits the
+              prefill returns with the last prompt row's; the prefill then emits a *scripted* number of
+              ids (1 = nothing accepted ... DECODE_TOKENS + 1 = all) and the verify passes decode the rest.
   adaptive    FlashDrive's 8-step flow schedule with velocity reuse: 4 expert evaluations.
   graphs      fused QKV / gate-up projections + one CUDA graph per stage (graphs.py).
 
@@ -35,7 +39,7 @@ from ..engine.kv_cache import StaticKVCache
 from ..engine.rope import extend_positions, mrope_cos_sin, rope_index
 from ..engine.streaming import StreamingLayout, causal_mask
 from ..engine.text_model import DecoderLayer, RMSNorm
-from .shapes import DRAFT_BLOCK, Shape, default_draft_vocab, make_workload, special_id
+from .shapes import DRAFT_BLOCK, TEMPORAL_DRAFT, Shape, default_draft_vocab, make_workload, special_id
 from .timing import Clock
 
 
@@ -45,6 +49,13 @@ class Mode:
     tau: float | None = None      # scripted mean accept length; None = autoregressive decode
     flow: str = "uniform"         # "uniform" (10 evaluations) | "adaptive" (4)
     graphs: bool = False          # fused projections + CUDA graphs
+    temporal: int | None = None   # temporal draft rows in the prefill: ids the prefill emits (scripted)
+
+    def __post_init__(self) -> None:
+        if self.temporal is not None and not (self.graphs and self.streaming and self.tau is not None):
+            raise ValueError("the temporal draft rows are timed on the graphed streaming speculative path only")
+        if self.temporal is not None and not 1 <= self.temporal <= TEMPORAL_DRAFT + 1:
+            raise ValueError(f"the prefill emits 1..{TEMPORAL_DRAFT + 1} ids, got {self.temporal}")
 
     def label(self) -> str:
         parts = []
@@ -54,6 +65,8 @@ class Mode:
             parts.append("streaming")
         if self.tau is not None:
             parts.append(f"spec τ={self.tau:g} (scripted drafter)")
+        if self.temporal is not None:
+            parts.append(f"temporal draft (prefill emits {self.temporal}, scripted)")
         if self.flow == "adaptive":
             parts.append("adaptive flow")
         return " + ".join(parts) if parts else "baseline"
@@ -202,8 +215,6 @@ class OursPipeline:
         self._g: dict[str, G.StageGraph] = {}
         self._vstatic: dict[int, G.VisionStatic] = {}
         self._sched_host: dict = {}
-        self._state0 = torch.tensor([0, self.L, 0, 0], dtype=torch.long).pin_memory() if self.device.type == "cuda" \
-            else torch.tensor([0, self.L, 0, 0], dtype=torch.long)
 
     # ------------------------------------------------------------------ shared helpers
     @property
@@ -336,37 +347,58 @@ class OursPipeline:
                                 {"pix": pix}, name="encode")
         return self._graph(f"encode{int(streaming)}", build)
 
-    def _prefill_graph(self, streaming: bool) -> G.StageGraph:
+    def _prefill_graph(self, streaming: bool, temporal: bool = False) -> G.StageGraph:
+        """The prefill graph -> the target's greedy id after the last prompt row [1]; with `temporal`
+        (streaming only) TEMPORAL_DRAFT draft rows follow the prompt at slots [L, L + D), as the engine's
+        temporal draft puts them: -> greedy ids after the last prompt row and each draft row [1 + D],
+        with the engine's on-device block verification and drafter context capture."""
         enc = self._encode_graph(streaming)
+        n_draft = TEMPORAL_DRAFT if temporal else 0
 
         def build():
+            from ..engine.speculative import first_block_outcome
+
             cache, lm = self.cache, self.lm
             if streaming:
                 ids, slots, vis = self.q_ids, self.q_slots, self.vis_q
-                mask = self.stream_mask[..., :self.n_pref].contiguous()
             else:
                 ids, slots, vis = self.ids, self.full_slots, self.vis_full
-                mask = G.causal_slot_mask(slots, self.n_pref, self.dtype, limit=torch.tensor(self.L, device=self.device))
-            vis_idx = vis.nonzero().flatten()
-            mask = G.fold_mask(mask, lm.layers[0].self_attn.n_heads // lm.layers[0].self_attn.n_kv)
-            limit = (slots + 1).clamp(max=self.L)  # row sees keys <= its slot and < L (the mask above)
-            if G.kernels_usable(limit):
-                mask = None  # the kernel path needs no mask: do not keep ~80 MB of it alive
+            limit = (slots + 1).clamp(max=self.L)  # row sees keys <= its slot and < L
             n_pref = self.n_pref
+            if n_draft:  # the scripted drafts: the target's own continuation (what a repeated reasoning is)
+                draft = torch.cat([self.ref_tokens, self.ref_tokens[-1:].expand(n_draft)])[:n_draft]
+                d_slots = self.L + torch.arange(n_draft, device=self.device)
+                ids, slots = torch.cat([ids, draft]), torch.cat([slots, d_slots])
+                limit = torch.cat([limit, d_slots + 1])
+                vis = torch.cat([vis, torch.zeros(n_draft, dtype=torch.bool, device=self.device)])
+                n_pref = _round_up(self.L + n_draft)
+            vis_idx = vis.nonzero().flatten()
+            mask = None
+            if not G.kernels_usable(limit):  # the PyTorch path: the equivalent additive mask, folded once
+                mask = G.fold_mask(G.limit_mask(limit, n_pref, self.dtype),
+                                   lm.layers[0].self_attn.n_heads // lm.layers[0].self_attn.n_kv).contiguous()
+            layers = self.n_ctx_layers if n_draft else ()
+            cot_end, tfs = special_id(self.cfg, "cot_end"), special_id(self.cfg, "traj_future_start")
 
             def fn(ids, emb, d0, d1, d2):
                 if streaming:  # the slot shift of the previous window, inside the graph
                     G.cache_shift(cache, self.shift_src, self.shift_dst, self.shift_waves)
                 x = lm.embed_tokens(ids).index_copy(0, vis_idx, emb.to(self.dtype))[None]
-                h, _ = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
-                                    mask_folded=True, key_limit=limit)
-                return self._greedy(h[:, -1])
+                h, cap = G.lm_forward(lm, x, cache, slots, mask, n_pref, vis_idx, [d0, d1, d2][:len(ds)],
+                                      mask_folded=True, key_limit=limit, capture_layers=layers)
+                if not n_draft:
+                    return self._greedy(h[:, -1])
+                target = self._greedy(h[0, -1 - n_draft:])
+                # what the engine does with them on the device (the script decides the outcome here)
+                first_block_outcome(ids[-n_draft:], target, self.n_dec + 1, cot_end, tfs)
+                ctx = torch.cat([cap[i] for i in layers], dim=-1)[:, -DRAFT_BLOCK - n_draft:]
+                return target, ctx
 
             out = enc.outputs if enc.outputs is not None else enc()
             ds = out[1:]
             return G.StageGraph(fn, {"ids": ids, **_prefill_inputs(out)}, shared=("emb", "d0", "d1", "d2"),
                                 name="prefill")
-        return self._graph(f"prefill{int(streaming)}", build)
+        return self._graph(f"prefill{int(streaming)}{'t' if temporal else ''}", build)
 
     def _decode_graph(self) -> G.StageGraph:
         def build():
@@ -543,7 +575,9 @@ class OursPipeline:
             eo = self._encode_graph(mode.streaming)()
             t1 = clock.mark()
             # graph mode: these are the prefill graph's own (shared) buffers, so nothing is copied
-            tok = self._prefill_graph(mode.streaming)(**_prefill_inputs(eo))
+            tok = self._prefill_graph(mode.streaming, mode.temporal is not None)(**_prefill_inputs(eo))
+            if mode.temporal is not None:
+                tok = tok[0]  # [1 + D] greedy ids; the script says how many of them the prefill emits
             t2 = clock.mark()
             if mode.tau is None:
                 dec = self._decode_graph()
@@ -555,7 +589,7 @@ class OursPipeline:
                 passes = self.n_dec
                 self.last_tokens = dec.buffers["out"].clone()
             else:
-                passes, agree = self._verify_graphed(tok, mode.tau)
+                passes, agree = self._verify_graphed(tok, mode.tau, mode.temporal or 1)
                 info["script_agree"] = agree
             t3 = clock.mark()
             x = self._action_graph(mode.flow)()
@@ -582,14 +616,21 @@ class OursPipeline:
         res.update(info)
         return res
 
-    def _verify_graphed(self, tok: torch.Tensor, tau: float) -> tuple[int, int]:
+    def _verify_graphed(self, tok: torch.Tensor, tau: float, prefill_emits: int = 1) -> tuple[int, int]:
+        """Verify + draft passes until n_dec ids after the prefill's first are decoded. prefill_emits > 1:
+        the prefill's temporal draft rows already emitted that many ids (tok = its [1 + D] greedy ids)."""
         ver, dra = self._verify_graph(), self._draft_graph()
-        sched = accept_schedule(self.n_dec, tau)
-        if self._sched_host.get("tau") != tau:  # the schedule changes with τ only: no copy per step
+        done0 = prefill_emits - 1
+        if done0 >= self.n_dec:  # the whole reasoning came out of the prefill: no verify pass
+            return 0, 0
+        sched = accept_schedule(self.n_dec - done0, tau)
+        if self._sched_host.get("key") != (tau, done0):  # changes with the row only: no copy per step
             ver.buffers["sched"][:len(sched)].copy_(torch.tensor(sched))
-            self._sched_host = {"tau": tau}
-        ver.buffers["anchor"].copy_(tok)
-        ver.buffers["state"].copy_(self._state0, non_blocking=True)
+            state0 = torch.tensor([done0, self.L + done0, 0, 0], dtype=torch.long)
+            self._sched_host = {"key": (tau, done0),
+                                "state0": state0.pin_memory() if self.device.type == "cuda" else state0}
+        ver.buffers["anchor"].copy_(tok.reshape(-1)[done0:done0 + 1])
+        ver.buffers["state"].copy_(self._sched_host["state0"], non_blocking=True)
         passes = 0
         while True:
             ver()

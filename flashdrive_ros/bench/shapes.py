@@ -24,6 +24,12 @@ FLOW_STEPS = 10          # baseline Euler steps (alpamayo.md §9)
 ADAPTIVE_EVALS = 4       # FlashDrive 8-step grid with velocity reuse at steps 3-6 (flashdrive.md §5)
 DRAFT_BLOCK = 8          # DFlash block size = verify query length (flashdrive.md §4)
 ACCEPT_LENGTHS = (1.0, 3.0, 5.6, 8.0)  # scripted-drafter mean accept lengths (tokens per verify pass)
+# Temporal draft (the engine's default temporal_draft): the previous window's reasoning rides in the streaming
+# prefill as this many draft rows; the rows script how many ids that prefill emits (1 = nothing accepted,
+# 9 = the first 8 drafts held, DECODE_TOKENS + 1 = the whole previous reasoning held: no verify pass).
+TEMPORAL_DRAFT = 24
+TEMPORAL_EMITS = (1, 9, DECODE_TOKENS + 1)
+TEMPORAL_TAU = 5.6
 # Rows of the scripted drafter's head (a draft vocabulary, docs/SPECULATIVE.md "Draft vocabulary"):
 # 32 768 = 2^15, a multiple of 64 (no padding), 4.75x fewer rows than the 155 697 of the real vocabulary.
 DRAFT_VOCAB = 32768
