@@ -132,7 +132,8 @@ def run(model, tok, drafter, clip, args, graphs: bool, speculative: bool) -> dic
         wall.append(1e3 * (time.perf_counter() - t0))
         r = res[-1]
         log(f"{name}: window {i} {'full' if r.full_prefill else 'stream'} total {r.timings_ms['total']:.1f} ms "
-            f"(wall {wall[-1]:.1f}) tokens {r.num_tokens} passes {r.verify_passes} forwards {r.decode_forwards}")
+            f"(wall {wall[-1]:.1f}) tokens {r.num_tokens} passes {r.verify_passes} forwards {r.decode_forwards} "
+            f"prefill_tokens {r.prefill_tokens}")
     meas = res[args.warmup:] or res
     out = {
         "name": name, "graphs": graphs, "speculative": speculative,
@@ -143,6 +144,7 @@ def run(model, tok, drafter, clip, args, graphs: bool, speculative: bool) -> dic
         "tokens": [list(r.token_ids) for r in res],
         "num_tokens": [r.num_tokens for r in res],
         "verify_passes": [r.verify_passes for r in res],
+        "prefill_tokens": [r.prefill_tokens for r in res],  # > 1: temporal draft ids accepted in the prefill
         "decode_forwards": [r.decode_forwards for r in res],
         "tokens_per_pass": [r.tokens_per_pass for r in res],
         "xyz": [r.xyz for r in res],

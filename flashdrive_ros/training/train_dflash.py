@@ -183,7 +183,8 @@ def measure(args) -> dict:
     common = dict(streaming=True, max_new_tokens=args.max_new_tokens, flow_schedule="adaptive",
                   temperature=0.0, device=args.device)
     ar = DriveEngine.from_pretrained(args.model, **common)
-    spec = DriveEngine.from_pretrained(args.model, speculative=True, drafter=args.drafter, **common)
+    spec = DriveEngine.from_pretrained(args.model, speculative=True, drafter=args.drafter,
+                                       temporal_draft=args.temporal_draft, **common)
     reader = WindowReader(args.data, find_revision(args.data))
     clips = [reader.clip_ids()[i] for i in parse_slice(args.clips, len(reader.clip_ids()))]
     # warm-up (not recorded): the first full prefill and the first streaming step of each engine pay
@@ -205,6 +206,7 @@ def measure(args) -> dict:
             rows.append({"clip": clip, "t0_us": int(t0), "same": a.token_ids == s.token_ids,
                          "tokens": s.num_tokens, "verify_passes": s.verify_passes,
                          "emitted_by_verify": s.tokens_per_pass * s.verify_passes,
+                         "prefill_tokens": s.prefill_tokens,
                          "decode_forwards_ar": a.decode_forwards, "decode_forwards_spec": s.decode_forwards,
                          "decode_ms_ar": a.timings_ms["decode"], "decode_ms_spec": s.timings_ms["decode"],
                          "full_prefill": s.full_prefill})
@@ -219,6 +221,11 @@ def measure(args) -> dict:
         "tau": sum(r["emitted_by_verify"] for r in steady) / max(n_pass, 1),
         "mean_tokens": sum(r["tokens"] for r in steady) / len(steady),
         "mean_verify_passes": n_pass / len(steady),
+        # temporal draft: ids the streaming prefill emitted (1 = none of the previous reasoning accepted)
+        "temporal_draft": spec.temporal_draft,
+        "mean_prefill_tokens": sum(r["prefill_tokens"] for r in steady) / len(steady),
+        "windows_prefill_accepted": sum(r["prefill_tokens"] > 1 for r in steady) / len(steady),
+        "windows_no_verify_pass": sum(r["verify_passes"] == 0 for r in steady) / len(steady),
         # target forwards per window incl. the closing one; closed_in_block: the share of windows whose last
         # verify block held <|cot_end|><|traj_future_start|> (no closing forward)
         "mean_decode_forwards_ar": sum(r["decode_forwards_ar"] for r in steady) / len(steady),
@@ -258,6 +265,8 @@ def main(argv=None) -> None:
     ap.add_argument("--windows-per-clip", type=int, default=30)
     ap.add_argument("--drafter", default=None, help="drafter directory (eval)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temporal-draft", type=int, default=24,
+                    help="ids of the previous window's reasoning verified in the streaming prefill (0 = off)")
     ap.add_argument("--warmup-windows", type=int, default=2,
                     help="windows of the first clip run through both engines before measuring (not recorded)")
     ap.add_argument("--json", default=None)
