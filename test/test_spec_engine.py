@@ -9,27 +9,19 @@ frames (16 image tokens each), as in test_engine_pipeline_streaming.py.
 import numpy as np
 import pytest
 import torch
+from stream_windows import random_clip, window
 
 from flashdrive_ros.engine.engine import DriveEngine
 from flashdrive_ros.engine.speculative import Drafter
 
 torch.set_num_threads(2)
-H = W = 128
-T0, STRIDE = 1_700_000, 100_000
 MAX_NEW = 24
 N_WINDOWS = 4
 
 
 @pytest.fixture(scope="module")
 def clip():
-    rng = np.random.default_rng(3)
-    return rng.integers(0, 256, (4, N_WINDOWS + 3, H, W, 3), dtype=np.uint8)
-
-
-def window(clip, t):
-    xyz = np.zeros((16, 3))
-    xyz[:, 0] = np.linspace(-10.0 - 0.2 * t, 0.0, 16)
-    return np.ascontiguousarray(clip[:, t:t + 4]), T0 + t * STRIDE, xyz, np.tile(np.eye(3), (16, 1, 1))
+    return random_clip(N_WINDOWS)
 
 
 def run(engine, clip):

@@ -371,9 +371,7 @@ class GraphedStages:
                 pos = n_gen + ar
                 tokens[pos] = torch.where(ar < emitted, target, tokens[pos])
                 acc[passes] = torch.where(live.bool(), emitted, acc[passes])
-                rejected = (ar >= kept)[:, None]
-                for t in (cache.k, cache.v, cache.k_rot):      # rejected slots zeroed, as cache.clear
-                    t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected, 0)
+                _zero_rejected(cache, slots, ar >= kept)
                 ctx.copy_(torch.cat([ctx[0], feats.to(ctx.dtype)]).index_select(0, kept + ar_ctx)[None])
                 anchor.copy_(torch.where(live.bool(), last, anchor))
                 pending.copy_(torch.where(live.bool(), (emitted == a + 1).long(), pending))
@@ -456,10 +454,7 @@ class GraphedStages:
             st.anchor.copy_(out["last"])
             both = torch.cat([context[0, -cfg.context_len:], states0[0].to(context.dtype)])
             st.ctx.copy_(both.index_select(0, out["kept"] + torch.arange(cfg.context_len, device=both.device))[None])
-            rejected = (ar[:d0] >= out["kept"])[:, None]
-            slots = start + ar[:d0]
-            for t in (cache.k, cache.v, cache.k_rot):  # rejected draft slots zeroed, as cache.clear
-                t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected, 0)
+            _zero_rejected(cache, start + ar[:d0], ar[:d0] >= out["kept"])
             st.cur.copy_(start + out["kept"])
             st.n_gen.copy_(out["emitted"])
             st.pending.copy_(out["pending"])
@@ -488,6 +483,12 @@ class GraphedStages:
         return SpeculativeResult(tokens=generated, num_generated=n_gen, forward_passes=passes + (not closed),
                                  verify_passes=passes, n_ctx=cur + n_tail, accept_lengths=accept_lengths,
                                  prefill_tokens=prefill_tokens)
+
+
+def _zero_rejected(cache, slots: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Zero the K/V of the rejected block rows at `slots` (as cache.clear, without a host sync)."""
+    for t in (cache.k, cache.v, cache.k_rot):
+        t[:, :, :, slots] = t[:, :, :, slots].masked_fill(rejected[:, None], 0)
 
 
 @dataclass
