@@ -60,9 +60,10 @@ def test_bench_cli_tiny_cpu_with_a_draft_vocabulary(tmp_path):
     assert res["workload"]["draft_vocab"] == 1000 and not res.get("errors")
     # the substring also selects the temporal-draft rows: the prefill emits 1 / 9 / 23 ids (scripted), so
     # ceil(22 / 5.6) = 4, ceil(14 / 5.6) = 3 and no verify passes decode the rest
-    assert [r["decode_passes"] for r in res["rows"]] == [4, 4, 4, 3, 0]
-    assert [r["name"].split("prefill emits ")[-1] for r in res["rows"][2:]] == ["1 (scripted)", "9 (scripted)",
-                                                                                "23 (scripted)"]
+    # (and the action-draft rows: their decode is the all (τ=5.6) row's)
+    assert [r["decode_passes"] for r in res["rows"]] == [4, 4, 4, 3, 0, 4, 4]
+    assert [r["name"].split("prefill emits ")[-1] for r in res["rows"][2:5]] == ["1 (scripted)", "9 (scripted)",
+                                                                                 "23 (scripted)"]
     assert "draft vocabulary of 1000 of the 5052 target ids" in (tmp_path / "bench.md").read_text()
     # the stand-in's greedy drafts over the vocabulary == the full head's argmax restricted to it
     pipe = OursPipeline(get_shape("tiny"), "cpu", torch.float32, draft_vocab=1000)
@@ -74,6 +75,22 @@ def test_bench_cli_tiny_cpu_with_a_draft_vocabulary(tmp_path):
 
     assert torch.equal(pipe._draft_greedy(h), G.greedy_token(keep, pipe.banned))
     assert pipe._draft_head().padded_weight.shape[0] == 1024
+
+
+def test_bench_action_draft_rows_run_the_check_and_on_a_miss_the_flow(tmp_path):
+    """The action-draft rows time the engine's check (one expert evaluation, read back, both plans rolled out):
+    a scripted hit stops there, a miss runs the 4 evaluations of the adaptive flow after it."""
+    rc = cli.main(["--shape", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path),
+                   "--rows", "ours: all (τ=5.6)"])
+    assert rc == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["ours: all (τ=5.6)"]["flow_evaluations"] == 4
+    hit = rows["ours: all (τ=5.6) + action draft hit (scripted)"]
+    miss = rows["ours: all (τ=5.6) + action draft miss (scripted)"]
+    assert hit["flow_evaluations"] == 1 and miss["flow_evaluations"] == 5
+    assert hit["action_draft_gap_m"] >= 0 and miss["action_draft_gap_m"] == hit["action_draft_gap_m"]
+    assert "| ours: all (τ=5.6) + action draft hit (scripted) |" in (tmp_path / "bench.md").read_text()
 
 
 def test_host_path_benchmark_runs_and_checks_both_paths_agree(tmp_path, capsys):

@@ -90,6 +90,10 @@ def test_reasoning_and_latency_fields(outputs):
     assert parts == [1.0, 2.0, 3.0, 4.0, 5.0, 1.5] and lat.total_ms == 16.5
     assert (lat.dropped_frames, lat.full_prefill, lat.num_samples, lat.flow_schedule) == (3, True, 2, "adaptive")
     assert lat.verify_passes == 5 and math.isclose(lat.tokens_per_pass, 1.8, rel_tol=1e-6)  # tau surfaced
+    # the action stage's work: a result without the drafter's fields (an engine_factory backend) reads as off
+    assert (lat.flow_evaluations, lat.action_draft) == (0, "off")
+    drafted = outputs.to_latency(result(flow_evaluations=1, action_draft="accepted"))
+    assert (drafted.flow_evaluations, drafted.action_draft) == (1, "accepted")
 
 
 def test_stages_exceeding_the_total_by_rounding_raise_the_total(outputs):

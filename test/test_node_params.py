@@ -37,6 +37,9 @@ def test_defaults_validate_and_map_to_engine_arguments():
     assert kw["streaming"] is True and kw["flow_schedule"] == "uniform"
     assert "cuda_graphs" not in kw
     assert DriveParams.from_dict({"cuda_graphs": True}).engine_kwargs()["cuda_graphs"] is True
+    assert not any(k.startswith("action_draft") for k in kw)  # the lossy action draft is off by default
+    on = DriveParams.from_dict({"action_draft_m": 0.5, "action_draft_max_reuse": 2}).engine_kwargs()
+    assert (on["action_draft_m"], on["action_draft_check_time"], on["action_draft_max_reuse"]) == (0.5, 0.5, 2)
 
 
 @pytest.mark.parametrize("override,name", [
@@ -47,6 +50,9 @@ def test_defaults_validate_and_map_to_engine_arguments():
     ({"flow_schedule": "fast"}, "flow_schedule"),
     ({"num_samples": 0}, "num_samples"),
     ({"dtype": "int8"}, "dtype"),
+    ({"action_draft_m": -0.1}, "action_draft_m"),
+    ({"action_draft_check_time": 1.0}, "action_draft_check_time"),
+    ({"action_draft_max_reuse": 0}, "action_draft_max_reuse"),
 ])
 def test_invalid_values_name_the_parameter(override, name):
     with pytest.raises(ValueError, match=name):

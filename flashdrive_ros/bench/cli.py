@@ -35,6 +35,8 @@ def our_rows() -> list[tuple[str, Mode]]:
     rows += [(f"ours: all (τ={t:g})", Mode(streaming=True, tau=t, flow="adaptive", graphs=True)) for t in ACCEPT_LENGTHS]
     rows += [(f"ours: all (τ={TEMPORAL_TAU:g}) + temporal draft, prefill emits {a} (scripted)",
               Mode(streaming=True, tau=TEMPORAL_TAU, flow="adaptive", graphs=True, temporal=a)) for a in TEMPORAL_EMITS]
+    rows += [(f"ours: all (τ={TEMPORAL_TAU:g}) + action draft {o} (scripted)",
+              Mode(streaming=True, tau=TEMPORAL_TAU, flow="adaptive", graphs=True, action_draft=o)) for o in ("hit", "miss")]
     return rows
 
 
@@ -181,16 +183,17 @@ def to_markdown(res: dict) -> str:
              *([f"Scripted drafter: draft vocabulary of {wl['draft_vocab']} of the {wl['vocab']} target ids "
                 f"(its head GEMM reads {wl['draft_vocab']} lm_head rows per pass)."] if "draft_vocab" in wl else []),
              "",
-             "| row | encode | prefill | decode | action | total | decode passes | × vs stock |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | encode | prefill | decode | action | total | decode passes | expert evals | × vs stock |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         s = r["stats"]
         cells = [f"{s[k]['median']:.1f} ({s[k]['p90']:.1f})" for k in STAGES]
         passes = f"{r['decode_passes']:g}" if "decode_passes" in r else f"{wl['decoded_tokens']}"
+        evals = f"{r['flow_evaluations']:g}" if "flow_evaluations" in r else "10"
         sp = f"{r['speedup_vs_stock']:.1f}×" if "speedup_vs_stock" in r else "–"
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {passes} | {sp} |")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {passes} | {evals} | {sp} |")
     for name, err in res.get("errors", {}).items():
-        lines.append(f"| {name} | failed: {err} | | | | | | |")
+        lines.append(f"| {name} | failed: {err} | | | | | | | |")
     c = res.get("checks", {})
     if "graph_vs_eager_action_rel_diff" in c:
         lines += ["", f"Graph vs eager on the same cache: action relative difference "

@@ -19,6 +19,10 @@ StreamingLayout, flow.FlowSchedule), on the synthetic window of bench/shapes.py:
               prefill returns with the last prompt row's; the prefill then emits a *scripted* number of
               ids (1 = nothing accepted ... DECODE_TOKENS + 1 = all) and the verify passes decode the rest.
   adaptive    FlashDrive's 8-step flow schedule with velocity reuse: 4 expert evaluations.
+  action draft (graphed rows) the engine's action drafter (engine/action_draft.py): one expert evaluation
+              checks a drafted action (flow.one_step_estimate), its estimate is read back and both plans
+              are rolled out and compared on the host; the outcome is *scripted* ("hit": the draft is used,
+              "miss": the full flow runs after the check), since random weights decide nothing.
   graphs      fused QKV / gate-up projections + one CUDA graph per stage (graphs.py).
 
 Weights are random bf16 created on the device: the numbers are timings only.
@@ -34,7 +38,7 @@ from torch import nn
 
 from ..engine import graphs as G
 from ..engine.cache_kernels import shift_waves
-from ..engine.flow import FlowSchedule, sample
+from ..engine.flow import FlowSchedule, one_step_estimate, sample
 from ..engine.kv_cache import StaticKVCache
 from ..engine.rope import extend_positions, mrope_cos_sin, rope_index
 from ..engine.streaming import StreamingLayout, causal_mask
@@ -50,12 +54,17 @@ class Mode:
     flow: str = "uniform"         # "uniform" (10 evaluations) | "adaptive" (4)
     graphs: bool = False          # fused projections + CUDA graphs
     temporal: int | None = None   # temporal draft rows in the prefill: ids the prefill emits (scripted)
+    action_draft: str | None = None  # "hit" | "miss": the action drafter's check, outcome scripted
 
     def __post_init__(self) -> None:
         if self.temporal is not None and not (self.graphs and self.streaming and self.tau is not None):
             raise ValueError("the temporal draft rows are timed on the graphed streaming speculative path only")
         if self.temporal is not None and not 1 <= self.temporal <= TEMPORAL_DRAFT + 1:
             raise ValueError(f"the prefill emits 1..{TEMPORAL_DRAFT + 1} ids, got {self.temporal}")
+        if self.action_draft not in (None, "hit", "miss"):
+            raise ValueError(f"action_draft must be None, 'hit' or 'miss', got {self.action_draft!r}")
+        if self.action_draft is not None and not self.graphs:
+            raise ValueError("the action draft is timed on the graphed path only")
 
     def label(self) -> str:
         parts = []
@@ -69,6 +78,8 @@ class Mode:
             parts.append(f"temporal draft (prefill emits {self.temporal}, scripted)")
         if self.flow == "adaptive":
             parts.append("adaptive flow")
+        if self.action_draft is not None:
+            parts.append(f"action draft {self.action_draft} (scripted)")
         return " + ".join(parts) if parts else "baseline"
 
 
@@ -215,6 +226,8 @@ class OursPipeline:
         self._g: dict[str, G.StageGraph] = {}
         self._vstatic: dict[int, G.VisionStatic] = {}
         self._sched_host: dict = {}
+        self._draft: tuple | None = None  # the action-draft rows' fixed plan (host) and action space
+        self._last_gap = float("nan")
 
     # ------------------------------------------------------------------ shared helpers
     @property
@@ -472,12 +485,35 @@ class OursPipeline:
         return self._graph("draft", build)
 
     def _action_graph(self, flow: str) -> G.StageGraph:
+        sched = FlowSchedule.from_name(flow)
+        return self._expert_graph(f"action_{flow}", {"noise": self.noise},
+                                  lambda velocity, noise: sample(velocity, noise, sched))
+
+    def _action_check(self) -> torch.Tensor:
+        """The action drafter's check as the engine runs it: one graphed evaluation at the draft's check
+        point, the estimate read back, both plans rolled out from v0 and compared (gap kept in _last_gap)."""
+        from ..engine.action_draft import ActionDraftPolicy, trajectory_gap_m
+        from ..engine.action_space import UnicycleActionSpace
+
+        c = ActionDraftPolicy(tolerance_m=1.0).check_time
+        if self._draft is None:  # a fixed plan of small random controls (normalized), and its device copy
+            gen = torch.Generator().manual_seed(7)
+            self._draft = (0.3 * torch.randn(1, self.n_act, 2, generator=gen, dtype=torch.float64),
+                           UnicycleActionSpace(self.cfg.action_space))
+        draft, space = self._draft
+        g = self._expert_graph("action_check", {"noise": self.noise, "draft": draft.to(self.device, self.dtype)},
+                               lambda velocity, noise, draft: one_step_estimate(velocity, noise, draft, c))
+        est = g()
+        self._last_gap = float(trajectory_gap_m(space, draft, est.to("cpu", torch.float64), 10.0).max())
+        return est
+
+    def _expert_graph(self, name: str, inputs: dict[str, torch.Tensor], body) -> G.StageGraph:
+        """A graph of body(velocity, **inputs), velocity(x, t) = the expert over the context and decode slots."""
         def build():
             m, cache, n = self.model, self.cache, self.max_len
-            sched = FlowSchedule.from_name(flow)
             ar = torch.arange(self.n_act, device=self.device)
 
-            def fn(noise, n_ctx):
+            def fn(n_ctx, **bufs):
                 act_slots = n_ctx + ar  # right after the context: every action row sees keys < n_ctx + T
                 limit = n_ctx + self.n_act
                 rope = G.action_rope(cache, act_slots, self.dtype)  # once for all flow evaluations
@@ -487,11 +523,11 @@ class OursPipeline:
                                          n, key_limit=limit, rope=rope)
                     return m.action_velocity(h)
 
-                return sample(velocity, noise, sched)
+                return body(velocity, **bufs)
 
-            return G.StageGraph(fn, {"noise": self.noise, "n_ctx": torch.tensor(self.L + self.n_dec, device=self.device)},
-                                name="action")
-        return self._graph(f"action_{flow}", build)
+            return G.StageGraph(fn, {**inputs, "n_ctx": torch.tensor(self.L + self.n_dec, device=self.device)},
+                                name=name)
+        return self._graph(name, build)
 
     # ------------------------------------------------------------------ fast path vs eager, same inputs
     @torch.no_grad()
@@ -592,7 +628,15 @@ class OursPipeline:
                 passes, agree = self._verify_graphed(tok, mode.tau, mode.temporal or 1)
                 info["script_agree"] = agree
             t3 = clock.mark()
-            x = self._action_graph(mode.flow)()
+            evaluations = FlowSchedule.from_name(mode.flow).num_evaluations
+            if mode.action_draft is None:
+                x = self._action_graph(mode.flow)()
+            else:
+                x = self._action_check()
+                info["action_draft_gap_m"] = self._last_gap
+                if mode.action_draft == "miss":  # scripted: the full flow runs after the check
+                    x = self._action_graph(mode.flow)()
+                evaluations = 1 + (evaluations if mode.action_draft == "miss" else 0)
             t4 = clock.mark()
         else:
             img, deep = self.encode_eager(mode.streaming)
@@ -607,12 +651,14 @@ class OursPipeline:
                 info["script_agree"] = agree
             t3 = clock.mark()
             x = self.action_eager(FlowSchedule.from_name(mode.flow))
+            evaluations = FlowSchedule.from_name(mode.flow).num_evaluations
             t4 = clock.mark()
         clock.sync()
         self.last_action = x
         res = {"encode": clock.ms(t0, t1), "prefill": clock.ms(t1, t2), "decode": clock.ms(t2, t3),
                "action": clock.ms(t3, t4), "total": clock.ms(t0, t4)}
         res["decode_passes"] = float(passes)
+        res["flow_evaluations"] = float(evaluations)
         res.update(info)
         return res
 

@@ -48,8 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .action_draft import ActionDraftPolicy, ActionDrafter
 from .action_space import UnicycleActionSpace
-from .flow import FlowSchedule, sample as flow_sample
+from .flow import FlowSchedule, one_step_estimate, sample as flow_sample
 from .graphed import round_up
 from .history import encode_history, history_kwargs
 from .kv_cache import StaticKVCache
@@ -91,6 +92,10 @@ class StepResult:
                                     # one closing forward unless the last block ended on a drafted <|cot_end|>
     prefill_tokens: int = 1         # reasoning ids the prefill emitted: 1, or 1 + the accepted ids of the
                                     # temporal draft block (the previous window's reasoning) it verified
+    flow_evaluations: int = 0       # expert evaluations of the action stage (an action draft's check included)
+    action_draft: str = "off"       # what the action drafter did: "off", "accepted", "rejected: ...", or why
+                                    # no draft was checked ("the reasoning changed", "no previous action", ...)
+    action_draft_gap_m: float = float("nan")  # checked draft: largest distance to the model's estimate [m]
 
 
 class StageTimer:
@@ -238,7 +243,8 @@ class DriveEngine:
                  stream_stride_us: int = 100_000,
                  shift_mode: str = "vision_only", diffusion_temperature: float = 1.0,
                  drafter=None, weights_description: str = "", cuda_graphs: bool | None = None,
-                 temporal_draft: int = 24):
+                 temporal_draft: int = 24, action_draft_m: float = 0.0, action_draft_check_time: float = 0.5,
+                 action_draft_max_reuse: int = 4):
         if speculative and drafter is None:
             raise ValueError("speculative=True needs a drafter (speculative.Drafter); from_pretrained finds or builds one")
         if num_samples < 1:
@@ -300,6 +306,13 @@ class DriveEngine:
         self._previous_reasoning: list[int] | None = None
         self._first_block: tuple[torch.Tensor, torch.Tensor] | None = None  # (draft ids, their context states)
         self._prefill_tokens = 1
+        # Action draft (lossy, off by default): the previous window's plan, checked by one expert
+        # evaluation, replaces the flow when the model's estimate stays within action_draft_m metres of it.
+        if action_draft_m < 0:
+            raise ValueError(f"action_draft_m must be >= 0 metres (0 = off), got {action_draft_m}")
+        self._action_drafter = (ActionDrafter(ActionDraftPolicy(float(action_draft_m), float(action_draft_check_time),
+                                                                int(action_draft_max_reuse)))
+                                if action_draft_m > 0 else None)
         self._hist_kwargs = history_kwargs(self.cfg.hist_tokenizer)
         self.action_space = UnicycleActionSpace(self.cfg.action_space)
         if self.action_space.n_waypoints != N_WAYPOINTS:
@@ -379,6 +392,8 @@ class DriveEngine:
         self._last_t0: int | None = None
         self._previous_reasoning = None
         self._first_block = None
+        if getattr(self, "_action_drafter", None) is not None:
+            self._action_drafter.reset()
         if self.cache is not None:
             self.cache.clear()
 
@@ -436,7 +451,8 @@ class DriveEngine:
         with timer.stage("decode"):
             tokens, n_generated, passes, n_ctx, per_pass, forwards = self.decode(logits, playout.length, gen)
         with timer.stage("action"):
-            xyz, yaw, rot = self._action(n_ctx, hist_xyz_t, hist_rot_t, v0, gen)
+            (xyz, yaw, rot), action_info = self._action(n_ctx, hist_xyz_t, hist_rot_t, v0, gen,
+                                                        stride=new_frames, reasoning=tokens)
         if self.streaming:
             with timer.stage("prefill"):  # cache maintenance for the next window's prefill
                 self.shift()
@@ -447,7 +463,7 @@ class DriveEngine:
         return StepResult(xyz=xyz, yaw=yaw, rot=rot, reasoning=reasoning, num_tokens=n_generated,
                           timings_ms=timings, full_prefill=not new_frames, verify_passes=passes,
                           tokens_per_pass=per_pass, t0_us=t0_us, token_ids=tokens, decode_forwards=forwards,
-                          prefill_tokens=self._prefill_tokens)
+                          prefill_tokens=self._prefill_tokens, **action_info)
 
     # ------------------------------------------------------------------ public building blocks
     @torch.no_grad()
@@ -714,23 +730,48 @@ class DriveEngine:
                                      self.temperature, self.top_p, generator=gen)[0])
 
     def _action(self, n_ctx: int, hist_xyz: torch.Tensor, hist_rot: torch.Tensor, v0: torch.Tensor,
-                gen: torch.Generator):
-        """K flow samples batched through the expert over cache slots [0, n_ctx) -> trajectories that start
-        at speed v0 (`action_space.estimate_v0` of the history)."""
+                gen: torch.Generator, stride: int = 0, reasoning: list[int] = ()):
+        """K flow samples batched through the expert over cache slots [0, n_ctx) -> (trajectories that start
+        at speed v0 (`action_space.estimate_v0` of the history), StepResult's action fields). With the action
+        drafter, a window `stride` strides after the previous one first checks that window's plan
+        (engine/action_draft.py) and runs the flow only when the check fails."""
         noise = self._noise(gen)
-        if self._fast is not None:  # the whole flow loop is one graph; noise drawn above, outside it
-            actions = self._fast.action(noise, n_ctx, self.schedule)
-        else:
-            start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
-            action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
+        drafter, actions, evaluations, gap = self._action_drafter, None, 0, float("nan")
+        draft = drafter.propose(stride, reasoning, self.num_samples) if drafter is not None else None
+        if draft is not None:
+            c = drafter.policy.check_time
+            guess = draft.to(self.device, self.dtype)
+            if self._fast is not None:
+                estimate = self._fast.action_estimate(noise, guess, n_ctx, c)
+            else:
+                estimate = one_step_estimate(self._expert_velocity(n_ctx), noise, guess, c)
+            evaluations = 1
+            accepted, gap = drafter.judge(self.action_space, draft, estimate, v0)
+            if accepted:
+                actions = draft
+        if actions is None:
+            if self._fast is not None:  # the whole flow loop is one graph; noise drawn above, outside it
+                actions = self._fast.action(noise, n_ctx, self.schedule)
+            else:
+                actions = flow_sample(self._expert_velocity(n_ctx), noise, self.schedule)
+            evaluations += self.schedule.num_evaluations
+        info = dict(flow_evaluations=evaluations, action_draft="off", action_draft_gap_m=gap)
+        if drafter is not None:
+            drafter.record(actions, reasoning, drafted=actions is draft)
+            info["action_draft"] = drafter.last_reason
+        return self._trajectory(actions, hist_xyz, hist_rot, v0), info
 
-            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                tokens = self.model.action_in_proj(x, t)
-                hidden = self.model.expert(tokens, self.cache, n_ctx, action_positions)
-                return self.model.action_velocity(hidden)
+    def _expert_velocity(self, n_ctx: int):
+        """Eager velocity(x [K, 64, 2], t [K]) of the expert over cache slots [0, n_ctx)."""
+        start = int(self.cache.positions[:, n_ctx - 1].max()) + 1
+        action_positions = torch.arange(start, start + N_WAYPOINTS, device=self.device).expand(3, -1)
 
-            actions = flow_sample(velocity, noise, self.schedule)
-        return self._trajectory(actions, hist_xyz, hist_rot, v0)
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tokens = self.model.action_in_proj(x, t)
+            hidden = self.model.expert(tokens, self.cache, n_ctx, action_positions)
+            return self.model.action_velocity(hidden)
+
+        return velocity
 
     def _noise(self, gen: torch.Generator) -> torch.Tensor:
         """The flow's starting noise [K, 64, 2], drawn from the window's CPU generator (so a seed gives the

@@ -15,6 +15,9 @@ FlowSchedule(times, dts, sources)     sources[i] = step whose velocity step i us
     .computed_steps, .num_evaluations
 sample(velocity_fn, noise, schedule, return_velocities=False) -> x (and the list of velocities used)
     velocity_fn(x [K, 64, 2], t [K]) -> v [K, 64, 2]
+one_step_estimate(velocity_fn, noise, guess, t) -> the model's estimate of the action from the point
+    x_t = t * guess + (1 - t) * noise of the straight path to a guessed action, in one evaluation
+    (the check of a drafted action, engine/action_draft.py)
 """
 
 from __future__ import annotations
@@ -121,3 +124,22 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, schedule: FlowSchedule,
         if return_velocities:
             used.append(v)
     return (x, used) if return_velocities else x
+
+
+def one_step_estimate(velocity_fn: VelocityFn, noise: torch.Tensor, guess: torch.Tensor, t: float) -> torch.Tensor:
+    """x_t + (1 - t) * v(x_t, t) with x_t = t * guess + (1 - t) * noise: one Euler step from the point at
+    time t of the straight path noise -> guess to t = 1.
+
+    If the guess is what the model would produce from this noise, v(x_t, t) points along that path and
+    the estimate lands on the guess; the further the model would go elsewhere, the further the estimate
+    lands from it (by (1 - t) times the difference, for a model whose prediction is one action).
+    """
+    if not 0.0 <= t < 1.0:
+        raise ValueError(f"the check time must be in [0, 1), got {t}")
+    if guess.shape != noise.shape:
+        raise ValueError(f"guess {tuple(guess.shape)} and noise {tuple(noise.shape)} differ in shape")
+    x_t = torch.lerp(noise, guess, t)
+    v = velocity_fn(x_t, torch.full((noise.shape[0],), t, dtype=x_t.dtype, device=x_t.device))
+    if v.shape != x_t.shape:
+        raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x_t.shape)}")
+    return torch.add(x_t, v, alpha=1.0 - t)

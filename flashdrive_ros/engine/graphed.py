@@ -8,6 +8,8 @@ instead of its eager modules when `cuda_graphs` is on:
   stream prefill  graphs.lm_forward over the streaming query slots      key: L, k (new frames per view)
   decode step     q = 1: embed -> lm_forward -> logits + greedy token   key: max_len
   action          the whole flow.sample loop over graphs.expert_forward key: K, schedule
+  action estimate one flow.one_step_estimate evaluation checking a      key: K, check time
+                  drafted action (engine/action_draft.py)
   shift           graphs.cache_shift of the streaming frame slots       key: #slots (differs per k)
   draft           speculative: drafter forward -> proposed block ids    key: max_len, block, context,
                   (over its draft vocabulary when it has one)          draft vocabulary
@@ -47,7 +49,7 @@ import torch
 from dataclasses import dataclass
 
 from . import graphs as G
-from .flow import FlowSchedule, sample as flow_sample
+from .flow import FlowSchedule, one_step_estimate, sample as flow_sample
 from .vision import ImageFeatures
 
 TAIL = 3  # closing tokens after a speculative loop: [last generated], [<|cot_end|>], <|traj_future_start|>
@@ -268,7 +270,21 @@ class GraphedStages:
         The 64 action tokens sit at cache slots [n_ctx, n_ctx + 64) (positions there continue the
         prompt's, the contract's action positions); with K > 1 and the batch-1 cache they append
         their own keys instead of writing the slots."""
+        return self._expert_stage(("action", tuple(noise.shape), schedule), n_ctx, {"noise": noise},
+                                  lambda velocity, noise: flow_sample(velocity, noise, schedule))
+
+    def action_estimate(self, noise: torch.Tensor, draft: torch.Tensor, n_ctx: int, check_time: float) -> torch.Tensor:
+        """One expert evaluation checking a drafted action (engine/action_draft.py): the model's estimate of
+        the action from the point at `check_time` of the straight path noise -> draft, [K, 64, 2]."""
+        return self._expert_stage(("action_estimate", tuple(noise.shape), float(check_time)), n_ctx,
+                                  {"noise": noise, "draft": draft},
+                                  lambda velocity, noise, draft: one_step_estimate(velocity, noise, draft, check_time))
+
+    def _expert_stage(self, key: tuple, n_ctx: int, inputs: dict[str, torch.Tensor], body) -> torch.Tensor:
+        """A graph of body(velocity, **inputs) where velocity(x, t) runs the expert over the cache's first
+        n_ctx slots (one graph per key; n_ctx is a device scalar set per call)."""
         engine, cache, model = self.engine, self.engine.cache, self._model
+        noise = inputs["noise"]
         k, t_len = noise.shape[0], noise.shape[1]
         n = cache.max_len
         if n_ctx + t_len > n and k == cache.batch:
@@ -278,7 +294,7 @@ class GraphedStages:
         def build():
             ar = torch.arange(t_len, device=engine.device)
 
-            def fn(noise, n_ctx):
+            def fn(n_ctx, **bufs):
                 act_slots = n_ctx + ar
                 # batch-K cache: the action slots follow the context, so rows see keys < n_ctx + T
                 mask = G.action_mask(n_ctx, act_slots, n, engine.dtype, shared_batch=True) if shared else None
@@ -290,15 +306,13 @@ class GraphedStages:
                                          mask, n, key_limit=limit, rope=rope)
                     return model.action_velocity(h)
 
-                return flow_sample(velocity, noise, schedule)
+                return body(velocity, **bufs)
 
-            return G.StageGraph(fn, {"noise": noise, "n_ctx": torch.tensor(n_ctx, device=engine.device)},
-                                name="action")
+            return G.StageGraph(fn, {**inputs, "n_ctx": torch.tensor(n_ctx, device=engine.device)}, name=key[0])
 
-        g = self._get(("action", tuple(noise.shape), schedule), build)
+        g = self._get(key, build)
         g.buffers["n_ctx"].fill_(n_ctx)
-        return g(noise=noise)
-
+        return g(**inputs)
 
     # ------------------------------------------------------------------ speculative (greedy)
     def _causal_forward(self, ids: torch.Tensor, slots: torch.Tensor, capture_layers: tuple[int, ...] = ()):

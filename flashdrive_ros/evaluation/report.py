@@ -77,10 +77,13 @@ def accuracy_table(summary: dict) -> str:
 def latency_table(summary: dict) -> str:
     rows = []
     for name, s in summary.items():
-        lat = s["latency_ms"]
+        lat, act = s["latency_ms"], s.get("action", {})
+        drafts = (f"{act['draft_accepted']} / {act['draft_checked']} / {act['draft_windows']}"
+                  if act.get("draft_windows") else "off")
         rows.append([name, *(f"{_num(lat[st]['mean'], 1)} / {_num(lat[st]['p50'], 1)} / {_num(lat[st]['p99'], 1)}"
-                             for st in (*STAGES, "wall"))])
-    return _table(["configuration", *STAGES, "wall (loop)"], rows)
+                             for st in (*STAGES, "wall")), _num(act.get("flow_evaluations", float("nan")), 2), drafts])
+    return _table(["configuration", *STAGES, "wall (loop)", "expert evals / window",
+                   "action drafts accepted / checked / windows"], rows)
 
 
 def decode_table(summary: dict) -> str:

@@ -124,6 +124,8 @@ class Prediction:
     full_prefill: bool | None = None
     verify_passes: int | None = None
     tokens_per_pass: float | None = None
+    flow_evaluations: int | None = None  # expert evaluations of the action stage
+    action_draft: str | None = None     # the engine's action drafter outcome ("off", "accepted", ...)
 
 
 class Predictor(Protocol):
@@ -175,7 +177,9 @@ class EnginePredictor:
                           timings_ms={k: float(v) for k, v in (r.timings_ms or {}).items()},
                           full_prefill=getattr(r, "full_prefill", None),
                           verify_passes=getattr(r, "verify_passes", None),
-                          tokens_per_pass=getattr(r, "tokens_per_pass", None))
+                          tokens_per_pass=getattr(r, "tokens_per_pass", None),
+                          flow_evaluations=getattr(r, "flow_evaluations", None),
+                          action_draft=getattr(r, "action_draft", None))
 
 
 def make_predictor(config: EvalConfig) -> Predictor:
@@ -203,6 +207,8 @@ class WindowRecord:
     full_prefill: bool | None
     verify_passes: int | None
     tokens_per_pass: float | None
+    flow_evaluations: int | None = None
+    action_draft: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -339,7 +345,8 @@ def _record(config: str, window: EvalWindow, index: int, warmup: bool, pred: Pre
                                    else reasoning_agreement(pred.reasoning, window.label)),
                         reasoning_text=pred.reasoning, num_tokens=pred.num_tokens,
                         timings_ms=dict(pred.timings_ms), wall_ms=wall_ms, full_prefill=pred.full_prefill,
-                        verify_passes=pred.verify_passes, tokens_per_pass=pred.tokens_per_pass)
+                        verify_passes=pred.verify_passes, tokens_per_pass=pred.tokens_per_pass,
+                        flow_evaluations=pred.flow_evaluations, action_draft=pred.action_draft)
 
 
 class _NoBar:
@@ -379,6 +386,7 @@ def summarize(run: EvalRun) -> dict:
             "reasoning": _reasoning_summary(recs),
             "latency_ms": _latency_summary(recs),
             "tokens": _token_summary(recs),
+            "action": _action_summary(recs),
             "full_prefill_windows": sum(1 for r in recs if r.full_prefill),
             "per_clip": {clip: {"windows": len(cr), "trajectory": _trajectory_summary(cr, clip_sem=False),
                                 "reasoning": _reasoning_summary(cr)}
@@ -432,6 +440,16 @@ def _token_summary(recs: list[WindowRecord]) -> dict:
             # Ratio of sums, not mean of ratios: one very short decode cannot dominate the figure.
             "decode_tok_per_s": float(tokens / decode_s) if decode_s > 0 else float("nan"),
             "tokens_per_pass": float(np.mean(tpp)) if tpp else float("nan")}
+
+
+def _action_summary(recs: list[WindowRecord]) -> dict:
+    """Expert evaluations per window and, with the action drafter on, how often a draft was checked / used."""
+    evals = [r.flow_evaluations for r in recs if r.flow_evaluations is not None]
+    drafted = [r.action_draft for r in recs if r.action_draft not in (None, "off")]
+    checked = [d for d in drafted if d == "accepted" or d.startswith("rejected")]
+    return {"flow_evaluations": float(np.mean(evals)) if evals else float("nan"),
+            "draft_windows": len(drafted), "draft_checked": len(checked),
+            "draft_accepted": sum(1 for d in checked if d == "accepted")}
 
 
 def _paired(run: EvalRun, a: str, b: str) -> dict:

@@ -160,4 +160,7 @@ def to_latency(result, frame_id: str = "base_link", *, pipeline_latency_ms: floa
                         streaming=bool(streaming), speculative=bool(speculative), cuda_graphs=bool(cuda_graphs),
                         flow_schedule=flow_schedule, num_samples=int(xyz.shape[0]),
                         verify_passes=int(result.verify_passes),
-                        tokens_per_pass=float(result.tokens_per_pass))
+                        tokens_per_pass=float(result.tokens_per_pass),
+                        # engines from engine_factory may predate the action drafter's fields
+                        flow_evaluations=int(getattr(result, "flow_evaluations", 0)),
+                        action_draft=str(getattr(result, "action_draft", "off")))

@@ -65,6 +65,12 @@ PARAMETERS: tuple = (
      "With speculative greedy decoding: verify this many ids of the previous window's reasoning as a draft "
      "block inside the streaming prefill (lossless; saves verify passes when the reasoning repeats; 0 = off)."),
     ("flow_schedule", "uniform", "Flow-matching step schedule: 'uniform' (10 steps) or 'adaptive'."),
+    ("action_draft_m", 0.0,
+     "Speculative action draft (lossy; 0 = off): when the reasoning repeats, check the previous window's plan "
+     "with one expert evaluation and publish it instead of running the flow if the model's estimate stays "
+     "within this many metres of it over the whole horizon (see docs/SPECULATIVE.md, 'Action draft')."),
+    ("action_draft_check_time", 0.5, "Flow time in [0, 1) at which the action draft is checked."),
+    ("action_draft_max_reuse", 4, "Drafted windows in a row before the full flow must run again (>= 1)."),
     ("cuda_graphs", False, "Capture CUDA graphs for the fixed-shape stages (CUDA devices only)."),
     ("num_samples", 1, "Trajectory samples K per window (samples[0] is the one to execute)."),
     ("max_new_tokens", 64, "Maximum reasoning tokens per window."),
@@ -109,6 +115,9 @@ class DriveParams:
     speculative: bool
     temporal_draft: int
     flow_schedule: str
+    action_draft_m: float
+    action_draft_check_time: float
+    action_draft_max_reuse: int
     cuda_graphs: bool
     num_samples: int
     max_new_tokens: int
@@ -150,6 +159,9 @@ class DriveParams:
         need(self.flow_schedule in ("uniform", "adaptive"), "flow_schedule must be 'uniform' or 'adaptive'")
         need(self.num_samples >= 1 and self.max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1")
         need(self.temporal_draft >= 0, "temporal_draft must be >= 0 (0 = off)")
+        need(self.action_draft_m >= 0, "action_draft_m must be >= 0 metres (0 = off)")
+        need(0.0 <= self.action_draft_check_time < 1.0, "action_draft_check_time must be in [0, 1)")
+        need(self.action_draft_max_reuse >= 1, "action_draft_max_reuse must be >= 1")
         need(self.image_width >= 0 and self.image_height >= 0, "image_width/height must be >= 0")
         need(self.jpeg_decoder in ("pillow", "nvjpeg"), f"jpeg_decoder must be 'pillow' or 'nvjpeg', got "
                                                          f"{self.jpeg_decoder!r}")
@@ -167,6 +179,9 @@ class DriveParams:
             kw["cuda_graphs"] = True
         if self.temporal_draft != DEFAULTS["temporal_draft"]:  # likewise: only a change is passed
             kw["temporal_draft"] = self.temporal_draft
+        if self.action_draft_m > 0:  # likewise: only when switched on
+            kw.update(action_draft_m=float(self.action_draft_m), action_draft_check_time=float(self.action_draft_check_time),
+                      action_draft_max_reuse=int(self.action_draft_max_reuse))
         return kw
 
 
