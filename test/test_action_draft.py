@@ -194,3 +194,14 @@ def test_reset_forgets_the_previous_plan():
 def test_negative_tolerance_is_refused():
     with pytest.raises(ValueError, match="action_draft_m"):
         DriveEngine.from_pretrained("tiny", action_draft_m=-1.0)
+
+
+def test_the_check_runs_in_the_noise_dtype_whatever_the_model_dtype():
+    """The flow state is float32 noise on every model dtype; the draft (float64 on the host) follows it."""
+    noise = torch.randn(1, 64, 2)
+    est = one_step_estimate(lambda x, t: torch.zeros_like(x), noise, plan(5), 0.5)
+    assert est.dtype == torch.float32
+    eng = DriveEngine.from_pretrained("tiny", dtype=torch.bfloat16, flow_schedule="adaptive", action_draft_m=1e6)
+    clip = still_clip(3)
+    outcomes = [eng.step(*window(clip, t)).action_draft for t in range(3)]
+    assert outcomes[0] == "no previous action" and all(o in ("accepted", "the reasoning changed") for o in outcomes[1:])

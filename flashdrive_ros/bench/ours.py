@@ -501,7 +501,7 @@ class OursPipeline:
             self._draft = (0.3 * torch.randn(1, self.n_act, 2, generator=gen, dtype=torch.float64),
                            UnicycleActionSpace(self.cfg.action_space))
         draft, space = self._draft
-        g = self._expert_graph("action_check", {"noise": self.noise, "draft": draft.to(self.device, self.dtype)},
+        g = self._expert_graph("action_check", {"noise": self.noise, "draft": draft.to(self.device, self.noise.dtype)},
                                lambda velocity, noise, draft: one_step_estimate(velocity, noise, draft, c))
         est = g()
         self._last_gap = float(trajectory_gap_m(space, draft, est.to("cpu", torch.float64), 10.0).max())

@@ -740,7 +740,7 @@ class DriveEngine:
         draft = drafter.propose(stride, reasoning, self.num_samples) if drafter is not None else None
         if draft is not None:
             c = drafter.policy.check_time
-            guess = draft.to(self.device, self.dtype)
+            guess = draft.to(self.device, noise.dtype)
             if self._fast is not None:
                 estimate = self._fast.action_estimate(noise, guess, n_ctx, c)
             else:

@@ -138,7 +138,7 @@ def one_step_estimate(velocity_fn: VelocityFn, noise: torch.Tensor, guess: torch
         raise ValueError(f"the check time must be in [0, 1), got {t}")
     if guess.shape != noise.shape:
         raise ValueError(f"guess {tuple(guess.shape)} and noise {tuple(noise.shape)} differ in shape")
-    x_t = torch.lerp(noise, guess, t)
+    x_t = torch.lerp(noise, guess.to(noise.dtype), t)  # the flow state keeps the noise's dtype, as in sample()
     v = velocity_fn(x_t, torch.full((noise.shape[0],), t, dtype=x_t.dtype, device=x_t.device))
     if v.shape != x_t.shape:
         raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x_t.shape)}")
