@@ -1,7 +1,7 @@
 """GPU check of the action drafter (engine/action_draft.py) on the trained tiny engine: a still scene, so the
 reasoning repeats and drafts get checked. Graphed (the CUDA default) vs eager on the same windows, at a
 tolerance that accepts every checked draft and at a tight one that rejects them: same outcomes, same
-expert evaluations, same trajectories; prints the action stage's median ms per outcome.
+expert evaluations, and trajectories as close as the two paths are without a draft; prints the action stage's median ms per outcome.
 
     python scripts/gpu_action_draft_check.py [--windows 12] [--dtype float32]
 """
@@ -46,11 +46,13 @@ def main():
         eager, graphed = run(args, False, tolerance), run(args, True, tolerance)
         print(f"\ntolerance {tolerance:g} m")
         print("window | eager outcome | graphed outcome | evals e/g | gap e/g (m) | max |xyz| diff (m)")
+        # fp32 on the GPU, graphed (fused kernels) and eager trajectories differ by ~1e-2 m even in window 0,
+        # where no draft exists: a window with a draft may differ by at most twice that
+        base = float(np.abs(eager[0].xyz - graphed[0].xyz).max())
         for i, (a, b) in enumerate(zip(eager, graphed)):
             diff = float(np.abs(a.xyz - b.xyz).max())
             same = a.action_draft == b.action_draft and a.flow_evaluations == b.flow_evaluations
-            # fp32 on the GPU: fused vs unfused GEMMs differ by ~1e-2 m over a ~40 m horizon even without a draft
-            ok &= same and diff < 1e-3 * float(np.abs(a.xyz).max())
+            ok &= same and diff <= 2 * base + 1e-6
             print(f"{i} | {a.action_draft} | {b.action_draft} | {a.flow_evaluations}/{b.flow_evaluations} | "
                   f"{a.action_draft_gap_m:.4f}/{b.action_draft_gap_m:.4f} | {diff:.2e}")
         for name, res in (("eager", eager), ("graphed", graphed)):
