@@ -51,7 +51,9 @@ def main():
         base = float(np.abs(eager[0].xyz - graphed[0].xyz).max())
         for i, (a, b) in enumerate(zip(eager, graphed)):
             diff = float(np.abs(a.xyz - b.xyz).max())
-            same = a.action_draft == b.action_draft and a.flow_evaluations == b.flow_evaluations
+            # the outcome's kind ("rejected: 4.02 m > ..." carries the gap, which differs in its rounding)
+            same = (a.action_draft.split(":")[0] == b.action_draft.split(":")[0]
+                    and a.flow_evaluations == b.flow_evaluations)
             ok &= same and diff <= 2 * base + 1e-6
             print(f"{i} | {a.action_draft} | {b.action_draft} | {a.flow_evaluations}/{b.flow_evaluations} | "
                   f"{a.action_draft_gap_m:.4f}/{b.action_draft_gap_m:.4f} | {diff:.2e}")
